@@ -1,0 +1,227 @@
+"""LLaDA: a LLaMA-style transformer with bidirectional attention (DESIGN §3).
+
+The module tree mirrors the official checkpoint, so ``state_dict()`` keys are the Hugging Face
+names (``model.transformer.blocks.{i}.q_proj.weight`` ...). Plain tensors, no cache, no branches on
+data: ``torch.export`` captures ``forward`` in one graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llada",)
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json is missing keys or holds values this model cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LLaDAConfig:
+    """The keys of the official LLaDA ``config.json`` that define the computation."""
+
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int | None = None
+    rope_theta: float = 500000.0
+    rms_norm_eps: float = 1e-5
+    max_sequence_length: int = 4096
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    bos_token_id: int | None = 126080
+    eot_token_id: int | None = 126348
+    activation_type: str = "silu"
+    block_type: str = "llama"
+    include_bias: bool = False
+    weight_tying: bool = False
+    model_type: str = "llada"
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.embedding_size is None:
+            object.__setattr__(self, "embedding_size", self.vocab_size)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first key whose value this model cannot run."""
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unknown model_type {self.model_type!r}: surelock_fx.models loads LLaDA checkpoints "
+                f"(model_type 'llada'); for another transformers model, load it with transformers "
+                f"and pass it to surelock_fx.optimize() directly"
+            )
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
+                "for grouped-query attention"
+            )
+        if self.embedding_size < self.vocab_size:
+            raise ConfigError(
+                f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
+            )
+        if self.activation_type not in ("silu", "swiglu"):
+            raise ConfigError(f"activation_type {self.activation_type!r} is not supported; use 'silu'")
+        if self.block_type != "llama":
+            raise ConfigError(f"block_type {self.block_type!r} is not supported; use 'llama'")
+        if self.include_bias:
+            raise ConfigError("include_bias=true is not supported: LLaDA checkpoints have no biases")
+        for key in ("mask_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if not 0 <= value < self.embedding_size:
+                raise ConfigError(f"{key} {value} is outside the vocabulary [0, {self.embedding_size})")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LLaDAConfig":
+        """Build from an official config.json dict; unknown keys are ignored, unsupported values rejected."""
+        if raw.get("rope") is False or raw.get("alibi") is True:
+            raise ConfigError("only rotary position embeddings are supported (config has rope=false or alibi=true)")
+        if raw.get("layer_norm_type", "rms") != "rms":
+            raise ConfigError(f"layer_norm_type {raw['layer_norm_type']!r} is not supported; use 'rms'")
+        raw = dict(raw)
+        raw.setdefault("model_type", "llada")
+        if "max_sequence_length" not in raw and "max_position_embeddings" in raw:
+            raw["max_sequence_length"] = raw["max_position_embeddings"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except TypeError as err:  # a value of the wrong type reaching arithmetic in validate()
+            raise ConfigError(f"malformed config: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LLaDAConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        """The official config.json keys, plus the fixed flags LLaDA's remote code expects."""
+        out = dataclasses.asdict(self)
+        out.update(architectures=["LLaDAModelLM"], rope=True, alibi=False, layer_norm_type="rms")
+        return out
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back to the input dtype, then scaled by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin of shape [B, 1, N, head_dim] in float32 (NeoX / rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
+    )
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        d, hd = config.d_model, config.head_dim
+        self.config = config
+        self.attn_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        cfg = self.config
+        B, N, _ = x.shape
+        h = self.attn_norm(x)
+        q = self.q_proj(h).view(B, N, cfg.n_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(B, N, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(B, N, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        att = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+        )
+        x = x + self.attn_out(att.transpose(1, 2).reshape(B, N, cfg.d_model))
+        h = self.ff_norm(x)
+        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+
+
+class LLaDAModel(nn.Module):
+    """``forward(input_ids [B, N], attention_mask=None [B, N], position_ids=None [B, N]) -> logits``.
+
+    ``attention_mask`` (1 keep, 0 pad) masks keys only, as LLaDA's padding does. ``position_ids``
+    default to 0..N-1 for every row.
+    """
+
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.embedding_size, config.d_model),
+                blocks=nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+                ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+            )
+        )
+        if not config.weight_tying:
+            self.model.transformer["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        t = self.model.transformer
+        return t.wte.weight if self.config.weight_tying else t.ff_out.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        t = self.model.transformer
+        B, N = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(N, device=input_ids.device).expand(B, N)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = t.wte(input_ids)
+        for block in t.blocks:
+            x = block(x, cos, sin, attn_mask)
+        return F.linear(t.ln_f(x), self.lm_head_weight)

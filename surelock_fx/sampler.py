@@ -1,0 +1,270 @@
+"""The LLaDA reference sampler (DESIGN §2), with Fast-dLLM threshold decoding.
+
+``generate`` only sees a forward function ``(x [B, N], attention_mask) -> logits [B, N, V]``:
+for a plain model that is its forward; for an optimized model it is a locked-decode runner that
+keeps its own lock state and caches (see ``surelock_fx.runtime``). The sampler is the same for both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+REMASKING = ("low_confidence", "random")
+
+
+@dataclasses.dataclass
+class DecodeStats:
+    """What one decode did; the locking fields are filled by a locked runner, else left empty."""
+
+    steps: int = 0
+    forward_passes: int = 0
+    wall_time_s: float = 0.0
+    active_counts: list[int] = dataclasses.field(default_factory=list)
+    locked_counts: list[int] = dataclasses.field(default_factory=list)
+    flops_dense: float | None = None
+    flops_locked: float | None = None
+
+    @property
+    def flops_ratio(self) -> float | None:
+        if not self.flops_dense:
+            return None
+        return self.flops_locked / self.flops_dense
+
+    @property
+    def mean_active_fraction(self) -> float | None:
+        totals = [a + l for a, l in zip(self.active_counts, self.locked_counts)]
+        if not totals:
+            return None
+        return sum(a / t for a, t in zip(self.active_counts, totals)) / len(totals)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: torch.Tensor
+    stats: DecodeStats
+
+
+def special_ids(config) -> tuple[int, int, int | None]:
+    """(mask, eos, eot) token ids from a model config; a clear error if there is no mask id."""
+    mask_id = getattr(config, "mask_token_id", None)
+    if mask_id is None:
+        raise ValueError(
+            "the model's config has no mask_token_id; set config.mask_token_id to the id of the mask token"
+        )
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return mask_id, eos, getattr(config, "eot_token_id", None)
+
+
+def vocab_size(config) -> int:
+    return getattr(config, "vocab_size")
+
+
+def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_length, temperature,
+                        remasking, cfg_scale, threshold, mask_id, vocab):
+    """Reject impossible settings and bad prompts with an error naming the fix."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
+        raise ValueError("prompt_ids must be a 2-D tensor [batch, prompt_length] of token ids")
+    if prompt_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"prompt_ids must hold integer token ids (int64), got dtype {prompt_ids.dtype}")
+    if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"the prompt is empty (shape {tuple(prompt_ids.shape)}); give at least one token per row")
+    if (prompt_ids == mask_id).any():
+        rows = (prompt_ids == mask_id).any(1).nonzero().flatten().tolist()
+        raise ValueError(
+            f"the prompt contains the mask token id {mask_id} (rows {rows}); the mask token is reserved "
+            "for the positions to generate: remove it from the prompt"
+        )
+    bad = (prompt_ids < 0) | (prompt_ids >= vocab)
+    if bad.any():
+        raise ValueError(
+            f"prompt token id {prompt_ids[bad][0].item()} is outside the vocabulary [0, {vocab}); "
+            "was the prompt made with this model's tokenizer?"
+        )
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(prompt_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but prompt_ids has shape "
+            f"{tuple(prompt_ids.shape)}; give one mask entry per prompt token"
+        )
+    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if gen_length % block_length:
+        raise ValueError(
+            f"gen_length ({gen_length}) must be a multiple of block_length ({block_length}); "
+            f"for example block_length={gen_length} (one block)"
+        )
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(
+            f"steps ({steps}) must be divisible by the number of blocks gen_length/block_length = {num_blocks}"
+        )
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if remasking not in REMASKING:
+        raise ValueError(f"remasking must be one of {REMASKING}, got {remasking!r}")
+    if cfg_scale < 0:
+        raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if threshold is not None and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+
+
+def num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, steps]: masked count // steps per step, the first (count % steps) steps one more."""
+    count = block_mask.sum(dim=1, keepdim=True)
+    base, remainder = count // steps, count % steps
+    extra = torch.arange(steps, device=block_mask.device)[None, :] < remainder
+    return base + extra.long()
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
+    """Gumbel-max in float64: exp(logits) / (-log U)^temperature; identity at temperature 0."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def model_forward(model: torch.nn.Module) -> Forward:
+    """A plain model's forward as ``(x, attention_mask) -> logits``; accepts transformers outputs."""
+
+    def forward(x, attention_mask):
+        out = model(x, attention_mask=attention_mask)
+        return getattr(out, "logits", out)
+
+    return forward
+
+
+def guided_logits(forward: Forward, x, attention_mask, prompt_index, cfg_scale, mask_id):
+    """Logits of one step; with CFG the unconditional half has its prompt replaced by masks."""
+    if cfg_scale <= 0:
+        return forward(x, attention_mask)
+    un_x = x.masked_fill(prompt_index, mask_id)
+    mask2 = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    cond, uncond = forward(torch.cat([x, un_x]), mask2).chunk(2)
+    return uncond + (cfg_scale + 1) * (cond - uncond)
+
+
+def step_candidates(logits, x, mask_index, block_end, *, temperature, remasking, eos, eot,
+                    logits_eos_inf, confidence_eos_eot_inf, generator):
+    """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change."""
+    if logits_eos_inf and eos is not None:
+        logits = logits.clone()
+        logits[..., eos] = -torch.inf
+    x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+    if remasking == "low_confidence":
+        scored = logits
+        if confidence_eos_eot_inf:
+            scored = logits.clone()
+            for tok in (eos, eot):
+                if tok is not None:
+                    scored[..., tok] = -torch.inf
+        p = F.softmax(scored.float(), dim=-1)
+        x0_p = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        x0_p = torch.rand(x0.shape, device=x0.device, generator=generator)
+    x0_p[:, block_end:] = -torch.inf
+    x0 = torch.where(mask_index, x0, x)
+    confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, device=x0_p.device))
+    return x0, confidence
+
+
+def select_topk(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the k[row] most confident positions."""
+    transfer = torch.zeros_like(confidence, dtype=torch.bool)
+    for row in range(confidence.shape[0]):
+        _, index = torch.topk(confidence[row], k=int(k[row]))
+        transfer[row, index] = True
+    return transfer
+
+
+def select_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Every candidate with confidence >= threshold, and at least the most confident one per row."""
+    transfer = confidence >= threshold
+    has_candidate = torch.isfinite(confidence).any(dim=1)
+    best = F.one_hot(confidence.argmax(dim=1), confidence.shape[1]).bool()
+    need = has_candidate & ~transfer.any(dim=1)
+    return transfer | (best & need[:, None])
+
+
+def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
+             remasking="low_confidence", cfg_scale=0.0, threshold=None, logits_eos_inf=False,
+             confidence_eos_eot_inf=False, attention_mask=None, generator=None, progress=False,
+             lock=None) -> GenerateOutput:
+    """Decode ``gen_length`` tokens after ``prompt_ids`` [B, P] with LLaDA's sampler.
+
+    ``model`` is a plain model (dense decode) or the result of ``surelock_fx.optimize`` (locked
+    decode when ``lock`` is a LockConfig, its rewritten graph with nothing locked when ``lock`` is None).
+    """
+    config = model.config
+    mask_id, eos, eot = special_ids(config)
+    if prompt_ids.dim() == 1:
+        prompt_ids = prompt_ids.unsqueeze(0)
+        attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
+    check_generate_args(prompt_ids, attention_mask, gen_length=gen_length, steps=steps,
+                        block_length=block_length, temperature=temperature, remasking=remasking,
+                        cfg_scale=cfg_scale, threshold=threshold, mask_id=mask_id, vocab=vocab_size(config))
+    stats = DecodeStats()
+    forward = decode_forward(model, lock, stats)
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
+    x[:, :P] = prompt_ids
+    if attention_mask is not None:
+        attention_mask = torch.cat(
+            [attention_mask.to(torch.long), torch.ones(B, gen_length, dtype=torch.long, device=device)], dim=1
+        )
+    prompt_index = x != mask_id
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    candidates = dict(temperature=temperature, remasking=remasking, eos=eos, eot=eot,
+                      logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
+                      generator=generator)
+    bar = tqdm(total=gen_length if threshold else steps, disable=not progress, unit="tok" if threshold else "step",
+               desc="decoding")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for block in range(num_blocks):
+            lo, hi = P + block * block_length, P + (block + 1) * block_length
+            schedule = num_transfer_tokens(x[:, lo:hi] == mask_id, steps_per_block)
+            step = 0
+            while (x[:, lo:hi] == mask_id).any() if threshold else step < steps_per_block:
+                mask_index = x == mask_id
+                logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id)
+                x0, confidence = step_candidates(logits, x, mask_index, hi, **candidates)
+                if threshold:
+                    transfer = select_threshold(confidence, threshold)
+                else:
+                    transfer = select_topk(confidence, schedule[:, step])
+                x = torch.where(transfer, x0, x)
+                step += 1
+                stats.steps += 1
+                bar.update(int(transfer.sum(1).max()) if threshold else 1)
+    bar.close()
+    stats.wall_time_s = time.perf_counter() - start
+    return GenerateOutput(tokens=x, stats=stats)
+
+
+def decode_forward(model, lock, stats: DecodeStats) -> Forward:
+    """The forward function a decode runs: the model's own, or its optimized runner's."""
+    runner_factory = getattr(model, "decode_runner", None)
+    if runner_factory is not None:
+        return runner_factory(lock, stats)
+    if lock is not None:
+        raise ValueError(
+            "locking needs an optimized model: call surelock_fx.optimize(model) and pass its result to generate()"
+        )
+    forward = model_forward(model)
+
+    def counted(x, attention_mask):
+        stats.forward_passes += 1
+        return forward(x, attention_mask)
+
+    return counted
