@@ -1,5 +1,7 @@
 """surelock_fx: SureLock (lock converged tokens) as a compiler pass for masked diffusion LMs."""
-from . import models
+from . import models, passes
+from .lock import LockConfig
+from .optimize import OptimizedModel, optimize
 from .sampler import DecodeStats, GenerateOutput, generate
 
-__all__ = ["DecodeStats", "GenerateOutput", "generate", "models"]
+__all__ = ["DecodeStats", "GenerateOutput", "LockConfig", "OptimizedModel", "generate", "models", "optimize", "passes"]

@@ -1,0 +1,16 @@
+"""Graph -> graph FX passes: pure functions of a GraphModule, no runtime state."""
+from .detach_full_attention_masks import detach_full_attention_masks
+from .lock_rows import CacheSpec, cache_specs, is_locked, lock_rows
+from .remove_metadata_asserts import remove_metadata_asserts
+from .row_analysis import UnsupportedGraphError, check_row_wise
+
+__all__ = [
+    "CacheSpec",
+    "UnsupportedGraphError",
+    "cache_specs",
+    "check_row_wise",
+    "detach_full_attention_masks",
+    "is_locked",
+    "lock_rows",
+    "remove_metadata_asserts",
+]

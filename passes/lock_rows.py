@@ -1,0 +1,133 @@
+"""The SureLock rewrite: compute only the active rows, attend over per-layer K/V caches."""
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch import fx
+
+from .row_analysis import SDPA, check_row_wise, sequence_symbol, token_inputs
+
+aten = torch.ops.aten
+META_KEY = "surelock_caches"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """One K or V cache: [batch, heads, seq + 1, head_dim]; the last slot is the scratch slot."""
+
+    name: str
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def is_locked(gm: fx.GraphModule) -> bool:
+    return META_KEY in gm.meta
+
+
+def cache_specs(gm: fx.GraphModule) -> list[CacheSpec]:
+    return gm.meta[META_KEY]
+
+
+class _Builder:
+    """Emits the rewritten graph node by node."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.old = gm.graph
+        self.graph = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.specs: list[CacheSpec] = []
+        self.updated: list[fx.Node] = []
+        self._index4: dict[tuple[int, int], fx.Node] = {}
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(target, args, kwargs)
+
+    def inputs(self, tokens: list[fx.Node]) -> None:
+        placeholders = [n for n in self.old.nodes if n.op == "placeholder"]
+        new = {n: self.graph.placeholder(n.name) for n in placeholders}
+        self.active_index = self.graph.placeholder("active_index")
+        self.key_mask = self.graph.placeholder("key_mask")
+        for n in placeholders:
+            self.env[n] = new[n]
+        seq_len = self.call(aten.sym_size.int, new[tokens[0]], 1)
+        last = self.call(operator.sub, seq_len, 1)
+        gather_index = self.call(aten.clamp_max.default, self.active_index, last)
+        for n in tokens:
+            self.env[n] = self._gather(new[n], gather_index, n.meta["val"])
+        mask = self.call(aten.unsqueeze.default, self.key_mask, 1)
+        self.attn_mask = self.call(aten.unsqueeze.default, mask, 1)
+
+    def _gather(self, full: fx.Node, index: fx.Node, example: torch.Tensor) -> fx.Node:
+        """Rows ``index`` [B, M] of a [B, N, ...] input (trailing dims must be static)."""
+        trailing = [int(s) for s in example.shape[2:]]
+        for _ in trailing:
+            index = self.call(aten.unsqueeze.default, index, -1)
+        if trailing:
+            index = self.call(aten.expand.default, index, [-1, -1] + trailing)
+        return self.call(aten.gather.default, full, 1, index)
+
+    def _scatter_index(self, heads: int, head_dim: int) -> fx.Node:
+        key = (heads, head_dim)
+        if key not in self._index4:
+            index = self.call(aten.unsqueeze.default, self.active_index, 1)
+            index = self.call(aten.unsqueeze.default, index, -1)
+            self._index4[key] = self.call(aten.expand.default, index, [-1, heads, -1, head_dim])
+        return self._index4[key]
+
+    def cached(self, node: fx.Node, kind: str) -> fx.Node:
+        """Scatter the active rows of K or V into a new cache input; return the N-row view attention reads."""
+        val = node.meta["val"]
+        spec = CacheSpec(f"{kind}_cache_{len(self.specs) // 2}", int(val.shape[1]), int(val.shape[3]), val.dtype)
+        self.specs.append(spec)
+        cache = self.graph.placeholder(spec.name)
+        updated = self.call(aten.scatter.src, cache, 2, self._scatter_index(spec.heads, spec.head_dim), self.env[node])
+        self.updated.append(updated)
+        return self.call(aten.slice.Tensor, updated, 2, 0, -1)
+
+    def attention(self, node: fx.Node) -> fx.Node:
+        q, k, v = node.args[:3]
+        kwargs = {k_: v_ for k_, v_ in node.kwargs.items() if k_ not in ("attn_mask", "is_causal", "dropout_p")}
+        extra = dict(zip(("dropout_p", "is_causal", "scale"), node.args[4:7]))
+        kwargs.update({k_: v_ for k_, v_ in extra.items() if k_ == "scale"})
+        key, value = self.cached(k, "k"), self.cached(v, "v")
+        return self.call(SDPA, self.env[q], key, value, self.attn_mask, **kwargs)
+
+
+def lock_rows(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite a dense graph into its locked form: gather active rows, scatter K/V into caches.
+
+    Precondition: a flat ATen graph captured with a symbolic sequence length (surelock_fx.capture),
+    whose every op is row-wise except mask-free, non-causal scaled_dot_product_attention
+    (check_row_wise proves it or names the offending node). The result takes the original inputs,
+    then ``active_index`` [B, M] (positions to compute; padding rows hold N, the scratch slot),
+    ``key_mask`` [B, N] (bool, False for padding keys) and one cache [B, H, N + 1, D] per K and V
+    of each attention, and returns the original outputs on the M rows followed by the updated caches.
+    A graph that is already locked is returned unchanged.
+    """
+    if is_locked(gm):
+        return gm
+    check_row_wise(gm)
+    seq = sequence_symbol(gm)
+    builder = _Builder(gm)
+    builder.inputs(token_inputs(gm, seq))
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            outputs = fx.map_arg(node.args[0], lambda n: builder.env[n])
+            outputs = tuple(outputs) if isinstance(outputs, (list, tuple)) else (outputs,)
+            builder.graph.output(outputs + tuple(builder.updated))
+            continue
+        if node.target is SDPA:
+            builder.env[node] = builder.attention(node)
+        else:
+            builder.env[node] = builder.graph.node_copy(node, lambda n: builder.env[n])
+    new_gm = fx.GraphModule(gm, builder.graph)
+    new_gm.meta[META_KEY] = builder.specs
+    new_gm.graph.eliminate_dead_code()
+    new_gm.graph.lint()
+    new_gm.recompile()
+    return new_gm

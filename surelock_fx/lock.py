@@ -1,0 +1,101 @@
+"""The SureLock lock policy (DESIGN §1) and the per-decode lock state it updates.
+
+The state is shared by the compiled runtime and the dense reference semantics, so both lock
+exactly the same positions given the same logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LockConfig:
+    """When to lock a position.
+
+    kl_threshold: lock when KL(p_t || p_{t-1}) <= kl_threshold (temperature-1 softmax over the
+        full vocabulary, of two consecutive forward passes in which the position was active).
+    confidence_gate: a fraction m in (0, 1]; a candidate must also be among the m most confident
+        candidates of its row (uncertainty 1 - max p at or below the m-quantile). None disables it.
+    lock_prompt: whether prompt positions may lock. Default True: the prompt's predictions are
+        never used by the sampler, only its keys and values, so locking it costs no accuracy in
+        our sweep (BENCHMARKS.md) and saves the most compute.
+
+    A position locks only if its token was already unmasked in the forward pass that produced
+    p_t, so the keys and values cached for it reflect its committed token. (The paper's
+    Algorithm 1 may lock a token whose cached K/V were computed while it was still a mask.)
+    """
+
+    kl_threshold: float = 5e-3
+    confidence_gate: float | None = None
+    lock_prompt: bool = True
+
+    def __post_init__(self):
+        if not self.kl_threshold >= 0:
+            raise ValueError(f"kl_threshold must be >= 0, got {self.kl_threshold}")
+        if self.confidence_gate is not None and not 0 < self.confidence_gate <= 1:
+            raise ValueError(f"confidence_gate must be a fraction in (0, 1], got {self.confidence_gate}")
+
+
+def active_index(locked: torch.Tensor, bucket: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, M] positions of unlocked rows in order, padded with N; [B] active counts).
+
+    M is the largest active count rounded up to a multiple of ``bucket`` (at most N).
+    """
+    B, N = locked.shape
+    counts = (~locked).sum(dim=1)
+    M = min(N, -(-max(int(counts.max()), 1) // bucket) * bucket)
+    order = torch.sort(locked.to(torch.uint8), dim=1, stable=True).indices[:, :M]
+    padding = torch.arange(M, device=locked.device)[None, :] >= counts[:, None]
+    return order.masked_fill(padding, N), counts
+
+
+class LockState:
+    """Lock mask and previous log-probabilities of one decode; per-row tensors carry a scratch
+    column N where padding rows of an active index land."""
+
+    def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int):
+        B, N = first_input.shape
+        self.config = config
+        self.seq = N
+        self.locked = torch.zeros(B, N, dtype=torch.bool, device=first_input.device)
+        self.prompt = self._with_scratch(first_input != mask_id)
+        self.has_prev = torch.zeros(B, N + 1, dtype=torch.bool, device=first_input.device)
+        self.prev_logp: torch.Tensor | None = None
+
+    @staticmethod
+    def _with_scratch(rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
+
+    def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
+        """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
+        input had ``unmasked`` [B, N] positions already decided."""
+        if self.config is None:
+            return
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.prev_logp is None:
+            self.prev_logp = logp.new_zeros(self.locked.shape[0], self.seq + 1, logp.shape[-1])
+        rows = index.unsqueeze(-1).expand_as(logp)
+        prev = self.prev_logp.gather(1, rows)
+        kl = (logp.exp() * (logp - prev)).sum(-1)
+        unmasked = self._with_scratch(unmasked)
+        candidate = unmasked.gather(1, index) & self.has_prev.gather(1, index)
+        if not self.config.lock_prompt:
+            candidate &= ~self.prompt.gather(1, index)
+        sure = candidate & (kl <= self.config.kl_threshold)
+        if self.config.confidence_gate is not None:
+            sure &= _most_confident(logp, candidate, self.config.confidence_gate)
+        self.prev_logp.scatter_(1, rows, logp)
+        self.has_prev.scatter_(1, index, True)
+        locked = self._with_scratch(self.locked)
+        locked.scatter_(1, index, locked.gather(1, index) | sure)
+        self.locked = locked[:, : self.seq]
+
+
+def _most_confident(logp: torch.Tensor, candidate: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Candidates whose uncertainty 1 - max p is within the ``fraction``-quantile of their row's candidates."""
+    uncertainty = 1 - logp.max(dim=-1).values.exp()
+    masked = uncertainty.masked_fill(~candidate, float("nan"))
+    cutoff = torch.nanquantile(masked, fraction, dim=1, keepdim=True)
+    return uncertainty <= cutoff

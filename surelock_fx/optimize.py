@@ -1,0 +1,60 @@
+"""``surelock_fx.optimize``: capture, rewrite and compile a model for locked decoding."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import fx
+
+from .capture import capture
+from .lock import LockConfig
+from .passes import cache_specs, lock_rows
+from .runtime import FlopModel, LockedRunner
+from .sampler import DecodeStats
+
+BACKENDS = ("eager", "inductor")
+
+
+class OptimizedModel(torch.nn.Module):
+    """A model rewritten for locked decoding; pass it to ``surelock_fx.generate``.
+
+    ``graph_module`` is the locked graph (inputs: the token inputs, ``active_index``,
+    ``key_mask``, the caches; outputs: logits of the active rows, the updated caches).
+    """
+
+    def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,
+                 backend: str, bucket: int, compile_seconds: float):
+        super().__init__()
+        self.config = model.config
+        self.graph_module = locked
+        self.flops = FlopModel.from_graph(dense)
+        self.backend = backend
+        self.bucket = bucket
+        self.compile_seconds = compile_seconds
+        self.compiled = torch.compile(locked, dynamic=True) if backend == "inductor" else locked
+
+    def forward(self, input_ids, position_ids, active_index, key_mask, *caches):
+        return self.compiled(input_ids, position_ids, active_index, key_mask, *caches)
+
+    def decode_runner(self, lock: LockConfig | None, stats: DecodeStats) -> LockedRunner:
+        return LockedRunner(self.compiled, cache_specs(self.graph_module), self.config, self.flops,
+                            lock, stats, self.bucket)
+
+
+def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1) -> OptimizedModel:
+    """Capture ``model`` with torch.export, rewrite it to compute only active rows, and compile it.
+
+    backend: "eager" runs the rewritten graph as is; "inductor" compiles it with torch.compile
+    (dynamic shapes, compiled on first use). bucket: active counts are padded up to a multiple of
+    it, so compiled graphs are reused across steps.
+    The model must take ``input_ids`` and ``position_ids`` and return logits (or an output with
+    ``.logits``); its config must name a ``mask_token_id``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not isinstance(bucket, int) or bucket < 1:
+        raise ValueError(f"bucket must be a positive integer, got {bucket!r}")
+    start = time.perf_counter()
+    dense = capture(model)
+    locked = lock_rows(dense)
+    return OptimizedModel(model, locked, dense, backend, bucket, time.perf_counter() - start)

@@ -1,0 +1,90 @@
+"""The decode runtime: feeds a locked graph its active rows and caches every step.
+
+A runner is the forward function the sampler calls, ``(x [B, N], attention_mask) -> logits
+[B, N, V]``; behind it, only the active rows are computed and the lock state is updated from
+their logits. Rows that are locked return stale logits: the sampler never reads them, since a
+locked position is already unmasked.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import fx
+
+from .lock import LockConfig, LockState, active_index
+from .passes import CacheSpec
+from .passes.row_analysis import SDPA
+from .sampler import DecodeStats, special_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopModel:
+    """Algorithmic GEMM FLOPs (DESIGN §1, plus the LM head): per computed row, and per
+    (query row, key) pair of attention."""
+
+    per_row: int
+    per_pair: int
+
+    @classmethod
+    def from_graph(cls, gm: fx.GraphModule) -> "FlopModel":
+        per_row = per_pair = 0
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.linear.default:
+                out_features, in_features = node.args[1].meta["val"].shape
+                per_row += 2 * int(in_features) * int(out_features)
+            elif node.target is SDPA:
+                q = node.args[0].meta["val"]
+                per_pair += 4 * int(q.shape[1]) * int(q.shape[3])
+        return cls(per_row, per_pair)
+
+    def step(self, rows: int, keys: int) -> int:
+        return rows * (self.per_row + keys * self.per_pair)
+
+
+LockedGraph = Callable[..., tuple]
+
+
+class LockedRunner:
+    """Runs a locked graph for one decode, holding its caches and lock state."""
+
+    def __init__(self, graph: LockedGraph, specs: list[CacheSpec], config, flops: FlopModel,
+                 lock: LockConfig | None, stats: DecodeStats, bucket: int = 1):
+        self.graph, self.specs, self.flops = graph, specs, flops
+        self.lock, self.stats, self.bucket = lock, stats, bucket
+        self.mask_id = special_ids(config)[0]
+        self.state: LockState | None = None
+
+    def _start(self, x: torch.Tensor) -> None:
+        B, N = x.shape
+        self.state = LockState(self.lock, x, self.mask_id)
+        self.caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype, device=x.device) for s in self.specs]
+        self.positions = torch.arange(N, device=x.device).expand(B, N)
+        self.logits = None
+        self.stats.flops_dense = self.stats.flops_locked = 0
+
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        B, N = x.shape
+        if self.state is None:
+            self._start(x)
+        elif self.state.locked.shape != (B, N):
+            raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after {tuple(self.state.locked.shape)}")
+        key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        index, counts = active_index(self.state.locked, self.bucket)
+        logits, *self.caches = self.graph(x, self.positions, index, key_mask, *self.caches)
+        if self.logits is None:
+            self.logits = logits.new_zeros(B, N + 1, logits.shape[-1])
+        self.logits.scatter_(1, index.unsqueeze(-1).expand_as(logits), logits)
+        self._record(counts, N)
+        self.state.update(index, logits, x != self.mask_id)
+        return self.logits[:, :N]
+
+    def _record(self, counts: torch.Tensor, N: int) -> None:
+        stats = self.stats
+        stats.forward_passes += 1
+        active = int(counts.sum())
+        stats.active_counts.append(active)
+        stats.locked_counts.append(counts.numel() * N - active)
+        stats.flops_dense += self.flops.step(counts.numel() * N, N)
+        stats.flops_locked += self.flops.step(active, N)
