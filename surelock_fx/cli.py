@@ -1,0 +1,159 @@
+"""The ``surelock`` command line.
+
+Each subcommand is one entry of ``SUBCOMMANDS``: a name, a one-line help, a function that adds its
+options to its parser, and a function ``run(args) -> exit code``. To add a subcommand, write those
+two functions and append an entry; shared options (``add_model_arguments``) and helpers
+(``load_tokenizer``, ``encode_prompt``, ``decode_answer``) are here to reuse.
+
+Expected failures (bad checkpoint, bad settings, no tokenizer) raise ``ValueError`` subclasses and
+are reported by ``main`` as one line ``error: ...`` with exit code 2, never a stack trace.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXIT_ERROR = 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class CLIError(ValueError):
+    """A problem with the command's inputs that is not the checkpoint's or the sampler's."""
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --device: where the checkpoint is and how to hold it."""
+    parser.add_argument("--model", required=True, type=Path,
+                        help="checkpoint directory (config.json, safetensors weights, tokenizer)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype to load the weights in (default: float32)")
+    parser.add_argument("--device", default=None,
+                        help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer(path: Path):
+    """The Hugging Face tokenizer saved in the checkpoint directory, from local files only."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CLIError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+            "there with tokenizer.save_pretrained"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise CLIError(
+            f"could not load the tokenizer in {path}: {first_line(err)}"
+        ) from None
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of the prompt; with ``chat``, wrapped as a user turn by the tokenizer's chat template."""
+    if not chat:
+        return list(tokenizer(prompt)["input_ids"])
+    if not getattr(tokenizer, "chat_template", None):
+        raise CLIError("--chat needs a tokenizer with a chat_template; this tokenizer has none")
+    encoded = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def decode_answer(tokenizer, generated: list[int], stop_ids) -> str:
+    """The generated text up to (not including) the first stop token, special tokens skipped."""
+    stops = {i for i in stop_ids if i is not None}
+    end = next((pos for pos, tok in enumerate(generated) if tok in stops), len(generated))
+    return tokenizer.decode(generated[:end], skip_special_tokens=True).strip()
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
+# --- surelock generate ---------------------------------------------------------------------
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .sampler import REMASKING
+
+    add_model_arguments(parser)
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt with the tokenizer's chat template")
+    parser.add_argument("--gen-length", type=int, default=128, help="tokens to generate (default: 128)")
+    parser.add_argument("--steps", type=int, default=128, help="denoising steps in total (default: 128)")
+    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default: 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily (default: 0)")
+    parser.add_argument("--remasking", choices=REMASKING, default="low_confidence",
+                        help="which positions to unmask first (default: low_confidence)")
+    parser.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance (default: 0, off)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Fast-dLLM confidence threshold: dynamic steps (default: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Load the checkpoint and its tokenizer, decode one answer, print it."""
+    from .models import load_config, load_model
+    from .sampler import generate
+
+    config = load_config(args.model)  # cheap checks first: directory, config.json
+    tokenizer = load_tokenizer(args.model)
+    device = resolve_device(args.device)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+    prompt_ids = torch.tensor([encode_prompt(tokenizer, args.prompt, args.chat)], device=device)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = generate(model, prompt_ids, gen_length=args.gen_length, steps=args.steps,
+                   block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
+                   cfg_scale=args.cfg_scale, threshold=args.threshold, generator=generator, progress=True)
+    generated = out.tokens[0, prompt_ids.shape[1]:].tolist()
+    print(decode_answer(tokenizer, generated, (config.eos_token_id, config.eot_token_id)))
+    return 0
+
+
+# --- the parser ----------------------------------------------------------------------------
+
+# (name, help, add_arguments(parser), run(args) -> exit code)
+SUBCOMMANDS = [
+    ("generate", "decode an answer to one prompt with a LLaDA checkpoint", add_generate_arguments, run_generate),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surelock", description="SureLock for masked diffusion LMs: decode, evaluate, export."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, run in SUBCOMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: sys.argv[1:]), run the subcommand, return its exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:  # CheckpointError, ConfigError, CLIError, generate's argument errors
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Shared test helpers: tiny LLaDA configs and models, and an independent transformers reference.
+
+``hf_llama_from_llada`` maps an ``LLaDAModel``'s weights onto transformers' ``LlamaForCausalLM``
+with bidirectional attention (DESIGN §3), which computes the same function through code this
+project did not write.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from surelock_fx.models import LLaDAConfig, LLaDAModel
+
+TINY_DEFAULTS = dict(
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    mlp_hidden_size=96,
+    vocab_size=101,
+    mask_token_id=100,
+    eos_token_id=99,
+    eot_token_id=98,
+    bos_token_id=97,
+    pad_token_id=99,
+    rope_theta=10000.0,
+    max_sequence_length=512,
+)
+
+# LLaDA block parameter -> LLaMA decoder-layer parameter (both relative to their layer).
+BLOCK_TO_LLAMA = {
+    "attn_norm": "input_layernorm",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "ff_norm": "post_attention_layernorm",
+    "ff_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "ff_out": "mlp.down_proj",
+}
+
+
+def tiny_config(**overrides) -> LLaDAConfig:
+    """A small LLaDA config (d_model 64, 2 layers, 4 heads, vocab 101, mask id 100) with overrides."""
+    return LLaDAConfig(**{**TINY_DEFAULTS, **overrides})
+
+
+def randomize_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) -> LLaDAModel:
+    """Fill every parameter with seeded random values, norm weights included (not ones).
+
+    Matrices get std 1/sqrt(fan_in) so activations stay O(1); the LM head gets ``logit_scale``
+    times that so the softmax is peaked enough for predictions and confidences to differ.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    head = model.lm_head_weight
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                values = 0.5 + torch.rand(param.shape, generator=gen)
+            else:
+                std = 1.0 if param is model.model.transformer.wte.weight else 1 / math.sqrt(param.shape[1])
+                if param is head and not model.config.weight_tying:
+                    std *= logit_scale
+                values = std * torch.randn(param.shape, generator=gen)
+            param.copy_(values.to(param.dtype))
+    return model.eval()
+
+
+def tiny_model(seed: int = 0, **overrides) -> LLaDAModel:
+    """A randomly initialised float32 LLaDAModel on ``tiny_config(**overrides)``, in eval mode."""
+    return randomize_(LLaDAModel(tiny_config(**overrides)), seed)
+
+
+def llama_config_for(config: LLaDAConfig) -> LlamaConfig:
+    """The LlamaConfig computing the same function as a LLaDA config, with attention made bidirectional."""
+    llama = LlamaConfig(
+        vocab_size=config.embedding_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.mlp_hidden_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=config.max_sequence_length,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=config.weight_tying,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    llama.is_causal = False
+    return llama
+
+
+def llama_state_dict(model: LLaDAModel) -> dict[str, torch.Tensor]:
+    """The LLaDA state dict under LlamaForCausalLM's parameter names."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        assert name.startswith("model.transformer."), name
+        rest = name[len("model.transformer."):]
+        if rest.startswith("blocks."):
+            _, index, module, leaf = rest.split(".")
+            out[f"model.layers.{index}.{BLOCK_TO_LLAMA[module]}.{leaf}"] = tensor
+        else:
+            top = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight",
+                   "ff_out.weight": "lm_head.weight"}
+            out[top[rest]] = tensor
+    if model.config.weight_tying:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+def hf_llama_from_llada(model: LLaDAModel) -> LlamaForCausalLM:
+    """A bidirectional transformers ``LlamaForCausalLM`` (sdpa) holding ``model``'s weights, in eval mode.
+
+    ``config.is_causal = False`` makes transformers build bidirectional masks and pass
+    ``is_causal=False`` to attention; each attention module's own ``is_causal`` flag (which sdpa
+    falls back to when the mask is skipped, in some transformers versions) is cleared as well.
+    ``tests/test_model.py`` checks the result really is bidirectional.
+    """
+    hf = LlamaForCausalLM(llama_config_for(model.config))
+    for layer in hf.model.layers:
+        layer.self_attn.is_causal = False
+    result = hf.load_state_dict(llama_state_dict(model), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    return hf.to(model.lm_head_weight.dtype).eval()

@@ -1,0 +1,112 @@
+"""The ``surelock`` CLI on a tiny checkpoint with a word-level Hugging Face tokenizer."""
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from helpers import tiny_model
+from surelock_fx import generate
+from surelock_fx.cli import decode_answer, main
+from surelock_fx.models import save_model
+
+SPECIALS = {"<|startoftext|>": 97, "<|eot_id|>": 98, "<|endoftext|>": 99, "<|mdm_mask|>": 100}
+WORDS = ["<unk>", "user", "assistant", ":"] + [f"t{i}" for i in range(93)]  # ids 0..96
+VOCAB = {**{w: i for i, w in enumerate(WORDS)}, **SPECIALS}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} <|eot_id|> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+SCHEDULE = ["--gen-length", "12", "--steps", "6", "--block-length", "4"]
+
+
+def word_level_tokenizer() -> PreTrainedTokenizerFast:
+    """Whitespace-split words, ids as in VOCAB; the special tokens sit at the tiny config's ids."""
+    backend = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        mask_token="<|mdm_mask|>", additional_special_tokens=["<|eot_id|>"], chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random LLaDA that emits EOS partway through its answer, so the cut at EOS is exercised."""
+    model = tiny_model(seed=8)
+    with torch.no_grad():
+        model.lm_head_weight[100] = 0.0  # never propose the mask token
+        model.lm_head_weight[99] *= 1.3  # make EOS likelier (seed and factor chosen so it comes mid-answer)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("tiny-llada")
+    save_model(model, path)
+    word_level_tokenizer().save_pretrained(path)
+    return path
+
+
+def expected_answer(model, prompt_words):
+    """Greedy decode of the word ids, cut at the first EOS/EOT, rendered without special tokens."""
+    ids = torch.tensor([[VOCAB[w] for w in prompt_words]])
+    generated = generate(model, ids, gen_length=12, steps=6, block_length=4).tokens[0, ids.shape[1]:].tolist()
+    stop = next(i for i, tok in enumerate(generated) if tok in (98, 99))
+    assert 0 < stop < len(generated) - 1, "the fixture should stop at EOS/EOT partway through"
+    return " ".join(WORDS[tok] for tok in generated[:stop] if tok < 97)
+
+
+def test_decode_answer_cuts_at_the_first_stop_token():
+    tokenizer = word_level_tokenizer()
+    t1, t2, t3 = VOCAB["t1"], VOCAB["t2"], VOCAB["t3"]
+    assert decode_answer(tokenizer, [t1, 97, t2, 98, t3, 99], (99, 98)) == "t1 t2"
+    assert decode_answer(tokenizer, [t1, t2, 99, t3, 98], (99, None)) == "t1 t2"
+    assert decode_answer(tokenizer, [t3, t1], (99, 98)) == "t3 t1"
+    assert decode_answer(tokenizer, [99, t1], (99, 98)) == ""
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_generate_prints_the_answer(checkpoint, model, capsys, chat):
+    prompt = "t5 t17 t3"
+    words = ["user", ":", *prompt.split(), "<|eot_id|>", "assistant", ":"] if chat else prompt.split()
+    argv = ["generate", "--model", str(checkpoint), "--prompt", prompt, *SCHEDULE] + (["--chat"] if chat else [])
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == expected_answer(model, words)
+    assert "6/6" in err  # the progress bar ran over the steps
+
+
+def test_console_script(checkpoint, model):
+    executable = shutil.which("surelock")
+    assert executable, "the surelock console script is not installed (pip install -e .)"
+    result = subprocess.run([executable, "generate", "--model", str(checkpoint), "--prompt", "t5 t17 t3",
+                             "--dtype", "float32", "--seed", "0", *SCHEDULE],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected_answer(model, ["t5", "t17", "t3"])
+
+
+ERROR_CASES = {
+    "missing-directory": (lambda ckpt, tmp: ["--model", str(tmp / "nowhere")], "does not exist"),
+    "gen-length-not-multiple": (lambda ckpt, tmp: ["--model", str(ckpt), "--gen-length", "10"],
+                                r"gen_length \(10\) must be a multiple of block_length \(4\)"),
+    "steps-zero": (lambda ckpt, tmp: ["--model", str(ckpt), "--steps", "0"], "steps must be a positive integer"),
+    "no-tokenizer": (lambda ckpt, tmp: ["--model", str(save_model(tiny_model(), tmp / "bare"))],
+                     "bare has no tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_are_one_clean_line(checkpoint, tmp_path, capsys, case):
+    make_args, message = ERROR_CASES[case]
+    argv = ["generate", "--prompt", "t1 t2", "--block-length", "4", "--gen-length", "8", "--steps", "4"]
+    assert main(argv + make_args(checkpoint, tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
