@@ -16,7 +16,7 @@ from .lock import LockConfig, LockState, active_index
 from .sampler import DecodeStats, model_forward, special_ids
 
 
-class _ReplaceLockedKV(TorchFunctionMode):
+class ReplaceLockedKV(TorchFunctionMode):
     """Within one forward pass: attention call l uses cache l's K/V at locked rows, then stores its K/V."""
 
     def __init__(self, caches: list, locked: torch.Tensor):
@@ -51,7 +51,7 @@ class ReferenceRunner:
     def __call__(self, x: torch.Tensor, attention_mask) -> torch.Tensor:
         if self.state is None:
             self.state = LockState(self.lock, x, self.mask_id)
-        with _ReplaceLockedKV(self.caches, self.state.locked):
+        with ReplaceLockedKV(self.caches, self.state.locked):
             logits = self.forward(x, attention_mask)
         self.stats.forward_passes += 1
         self.stats.active_counts.append(int((~self.state.locked).sum()))

@@ -152,13 +152,19 @@ def guided_logits(forward: Forward, x, attention_mask, prompt_index, cfg_scale, 
     return uncond + (cfg_scale + 1) * (cond - uncond)
 
 
-def step_candidates(logits, x, mask_index, block_end, *, temperature, remasking, eos, eot,
+def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, remasking, eos, eot,
                     logits_eos_inf, confidence_eos_eot_inf, generator):
-    """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change."""
+    """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change.
+
+    The mask token is never proposed: committing it would leave the position masked (and stall
+    threshold decoding forever). Trained models give it no mass, so this changes nothing for them.
+    """
     if logits_eos_inf and eos is not None:
         logits = logits.clone()
         logits[..., eos] = -torch.inf
-    x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)
+    proposals = logits.clone()
+    proposals[..., mask_id] = -torch.inf
+    x0 = add_gumbel_noise(proposals, temperature, generator).argmax(dim=-1)
     if remasking == "low_confidence":
         scored = logits
         if confidence_eos_eot_inf:
@@ -224,7 +230,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
     prompt_index = x != mask_id
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
-    candidates = dict(temperature=temperature, remasking=remasking, eos=eos, eot=eot,
+    candidates = dict(mask_id=mask_id, temperature=temperature, remasking=remasking, eos=eos, eot=eot,
                       logits_eos_inf=logits_eos_inf, confidence_eos_eot_inf=confidence_eos_eot_inf,
                       generator=generator)
     bar = tqdm(total=gen_length if threshold else steps, disable=not progress, unit="tok" if threshold else "step",

@@ -1,0 +1,159 @@
+"""Locked decoding: the lock policy, exactness against dense decoding and the reference semantics, FLOPs."""
+import pytest
+import torch
+
+import surelock_fx
+from surelock_fx.lock import LockConfig, LockState, active_index
+from surelock_fx.reference import reference_generate
+
+from helpers import hf_llama_from_llada, tiny_model
+
+MASK = 100
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3, n_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def optimized(model):
+    return surelock_fx.optimize(model)
+
+
+def prompts(B, P, seed=0):
+    return torch.randint(0, 97, (B, P), generator=torch.Generator().manual_seed(seed))
+
+
+SETTINGS = [
+    dict(gen_length=16, steps=16, block_length=16),
+    dict(gen_length=24, steps=12, block_length=8),
+    dict(gen_length=16, steps=8, block_length=8, cfg_scale=1.5),
+    dict(gen_length=16, steps=16, block_length=8, threshold=0.3),
+    dict(gen_length=16, steps=16, block_length=16, logits_eos_inf=True, confidence_eos_eot_inf=True),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("B", [1, 3])
+def test_unlocked_optimized_decode_equals_dense(model, optimized, settings, B):
+    p = prompts(B, 5, seed=B)
+    dense = surelock_fx.generate(model, p, **settings)
+    fast = surelock_fx.generate(optimized, p, **settings)
+    assert torch.equal(dense.tokens, fast.tokens)
+    assert fast.stats.flops_ratio == 1.0
+
+
+def test_unlocked_decode_with_padding_mask_equals_dense(model, optimized):
+    p = prompts(2, 6, seed=7)
+    mask = torch.ones_like(p)
+    mask[1, :3] = 0
+    kw = dict(gen_length=16, steps=16, block_length=16, attention_mask=mask)
+    assert torch.equal(surelock_fx.generate(model, p, **kw).tokens, surelock_fx.generate(optimized, p, **kw).tokens)
+
+
+LOCKS = [
+    LockConfig(kl_threshold=5e-4),
+    LockConfig(kl_threshold=5e-2),
+    LockConfig(kl_threshold=1.0, confidence_gate=0.5),
+    LockConfig(kl_threshold=5e-2, lock_prompt=False),
+]
+
+
+@pytest.mark.parametrize("lock", LOCKS, ids=repr)
+@pytest.mark.parametrize("settings", SETTINGS[:4], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_locked_decode_equals_reference_semantics(model, optimized, lock, settings):
+    p = prompts(3, 5, seed=11)
+    fast = surelock_fx.generate(optimized, p, lock=lock, **settings)
+    ref = reference_generate(model, p, lock=lock, **settings)
+    assert torch.equal(fast.tokens, ref.tokens)
+    assert fast.stats.active_counts == ref.stats.active_counts
+    assert fast.stats.locked_counts == ref.stats.locked_counts
+
+
+def test_locking_skips_work_and_is_accounted(optimized):
+    p = prompts(2, 8, seed=4)
+    out = surelock_fx.generate(optimized, p, gen_length=32, steps=32, block_length=32, lock=LockConfig(kl_threshold=1.0))
+    stats = out.stats
+    N = p.shape[1] + 32
+    assert stats.forward_passes == stats.steps == len(stats.active_counts) == 32
+    assert [a + l for a, l in zip(stats.active_counts, stats.locked_counts)] == [2 * N] * 32
+    assert stats.locked_counts[0] == 0 and stats.locked_counts[-1] > 0
+    assert stats.locked_counts == sorted(stats.locked_counts)  # locking is permanent
+    assert 0 < stats.flops_ratio < 1
+    assert stats.mean_active_fraction < 1
+
+
+def test_flops_follow_the_design_formula(optimized):
+    cfg = optimized.config
+    B, N, d, H, Hkv, dh, dff, V, L = 2, 40, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, \
+        cfg.mlp_hidden_size, cfg.embedding_size, cfg.n_layers
+    per_layer = (4 * B * H * N * N * dh + 2 * B * N * d * d + 2 * B * N * d * d + 4 * B * N * d * Hkv * dh
+                 + 6 * B * N * d * dff)
+    lm_head = 2 * B * N * d * V
+    assert optimized.flops.step(B * N, N) == L * per_layer + lm_head
+    out = surelock_fx.generate(optimized, prompts(B, 8), gen_length=32, steps=8, block_length=32)
+    assert out.stats.flops_dense == 8 * (L * per_layer + lm_head)
+
+
+def test_locked_decode_of_transformers_llama_equals_reference_semantics(model):
+    llama = hf_llama_from_llada(model)
+    llama.config.mask_token_id = MASK
+    optimized = surelock_fx.optimize(llama)
+    p = prompts(2, 5, seed=2)
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
+    assert torch.equal(surelock_fx.generate(optimized, p, **kw).tokens, reference_generate(llama, p, **kw).tokens)
+
+
+def test_kl_lock_rule_matches_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    B, N, V = 2, 6, 11
+    x = torch.full((B, N), MASK)
+    x[:, :2] = 1  # prompt
+    state = LockState(LockConfig(kl_threshold=0.05, lock_prompt=False), x, MASK)
+    index, _ = active_index(state.locked)
+    first = torch.randn(B, N, V, generator=gen)
+    state.update(index, first, x != MASK)
+    assert not state.locked.any()  # D_1 = +inf
+    second = first + 0.3 * torch.randn(B, N, V, generator=gen)
+    unmasked = x != MASK
+    unmasked[:, 2:4] = True  # decided before the second pass
+    state.update(index, second, unmasked)
+    p, q = second.log_softmax(-1), first.log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    expected = (kl <= 0.05) & unmasked
+    expected[:, :2] = False  # lock_prompt=False
+    assert torch.equal(state.locked, expected)
+
+
+def test_confidence_gate_keeps_only_the_most_confident():
+    B, N, V = 1, 5, 4
+    x = torch.ones(B, N, dtype=torch.long)
+    state = LockState(LockConfig(kl_threshold=1.0, confidence_gate=0.4), x, MASK)
+    index, _ = active_index(state.locked)
+    sharpness = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    logits = torch.zeros(B, N, V)
+    logits[0, :, 0] = sharpness
+    state.update(index, logits, x != MASK)
+    state.update(index, logits, x != MASK)
+    assert state.locked.tolist() == [[False, False, False, True, True]]
+
+
+def test_active_index_pads_to_the_scratch_slot():
+    locked = torch.tensor([[False, True, False, True], [True, True, True, True]])
+    index, counts = active_index(locked, bucket=3)
+    assert counts.tolist() == [2, 0]
+    assert index.tolist() == [[0, 2, 4], [4, 4, 4]]
+
+
+def test_bad_arguments_get_clear_errors(model):
+    with pytest.raises(ValueError, match="optimize"):
+        surelock_fx.generate(model, prompts(1, 3), gen_length=8, steps=8, block_length=8, lock=LockConfig())
+    with pytest.raises(ValueError, match="backend"):
+        surelock_fx.optimize(model, backend="tvm")
+    with pytest.raises(ValueError, match="bucket"):
+        surelock_fx.optimize(model, bucket=0)
+    with pytest.raises(ValueError, match="kl_threshold"):
+        LockConfig(kl_threshold=-1)
+    with pytest.raises(ValueError, match="confidence_gate"):
+        LockConfig(confidence_gate=1.5)

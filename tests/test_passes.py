@@ -1,0 +1,242 @@
+"""The locking rewrite: graph structure, error cases and numerics against the dense reference semantics."""
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from surelock_fx.capture import capture
+from surelock_fx.lock import active_index
+from surelock_fx.passes import (UnsupportedGraphError, cache_specs, detach_full_attention_masks, lock_rows,
+                                remove_metadata_asserts)
+from surelock_fx.passes.row_analysis import SDPA
+from surelock_fx.reference import ReplaceLockedKV
+from surelock_fx.sampler import model_forward
+
+from helpers import hf_llama_from_llada, tiny_model
+
+aten = torch.ops.aten
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+def counts(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def placeholders(gm):
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return tiny_model(seed=1, n_layers=3, n_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def llada_graph(llada):
+    return lock_rows(capture(llada))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return hf_llama_from_llada(tiny_model(seed=2, n_kv_heads=2))
+
+
+def test_locked_graph_structure(llada, llada_graph):
+    gm = llada_graph
+    gm.graph.lint()
+    c = counts(gm)
+    layers = llada.config.n_layers
+    assert c[aten.gather.default] == 2  # one per token-indexed input: input_ids, position_ids
+    assert c[aten.scatter.src] == 2 * layers  # one per K and per V cache
+    assert c[SDPA] == layers
+    assert c[aten.linear.default] == 7 * layers + 1
+    names = placeholders(gm)
+    assert names[:4] == ["input_ids", "position_ids", "active_index", "key_mask"]
+    assert names[4:] == [f"{kv}_cache_{i}" for i in range(layers) for kv in "kv"]
+    assert [(s.heads, s.head_dim) for s in cache_specs(gm)] == [(2, 16)] * (2 * layers)
+
+
+def test_every_projection_runs_on_active_rows_only(llada, llada_graph):
+    B, N, M = 2, 9, 4
+    x = torch.randint(0, 97, (B, N))
+    index = torch.tensor([[0, 2, 5, 8], [1, 3, N, N]])
+    caches = [torch.zeros(B, s.heads, N + 1, s.head_dim) for s in cache_specs(llada_graph)]
+    ShapeProp(llada_graph).propagate(x, torch.arange(N).expand(B, N), index, torch.ones(B, N, dtype=torch.bool), *caches)
+    for node in llada_graph.graph.nodes:
+        if node.target is aten.linear.default:
+            shape = node.meta["tensor_meta"].shape
+            assert shape[:2] == (B, M), f"{node.name} runs on {shape}"
+        if node.target is SDPA:
+            assert node.args[0].meta["tensor_meta"].shape[2] == M
+            assert node.args[1].meta["tensor_meta"].shape[2] == N
+
+
+def test_second_run_changes_nothing(llada_graph):
+    code = llada_graph.code
+    assert lock_rows(llada_graph) is llada_graph
+    assert llada_graph.code == code
+
+
+def test_graph_without_masks_or_asserts_is_left_alone(llada):
+    gm = capture(llada)
+    before = counts(gm)
+    assert counts(detach_full_attention_masks(gm)) == before
+    assert counts(remove_metadata_asserts(gm)) == before
+
+
+def test_full_bidirectional_mask_of_transformers_is_detached(llama):
+    gm = capture(llama)
+    sdpas = [n for n in gm.graph.nodes if n.target is SDPA]
+    assert sdpas and all(len(n.args) <= 3 or n.args[3] is None for n in sdpas)
+    assert aten.arange.default not in counts(gm)  # the mask's subgraph is gone
+
+
+class PositionMixingFFN(torch.nn.Module):
+    """A toy model with a cumulative sum over positions: not row-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.config = None
+
+    def forward(self, input_ids, position_ids):
+        return self.embed(input_ids).cumsum(dim=1)
+
+
+class ArangePositions(torch.nn.Module):
+    """Computes positions inside the model instead of taking them as input."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+
+    def forward(self, input_ids, position_ids):
+        pos = torch.arange(input_ids.shape[1]).float()[None, :, None]
+        return self.embed(input_ids) + pos
+
+
+class CausalAttention(torch.nn.Module):
+    def __init__(self, causal=True, eager=False):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.causal, self.eager = causal, eager
+
+    def forward(self, input_ids, position_ids):
+        h = self.embed(input_ids)[:, None]
+        if self.eager:
+            return (h @ h.transpose(-1, -2)).softmax(-1) @ h
+        return F.scaled_dot_product_attention(h, h, h, is_causal=self.causal)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (PositionMixingFFN(), "reduces, splits or joins along the sequence axis"),
+        (ArangePositions(), "not derived from the token inputs"),
+        (CausalAttention(causal=True), "causal"),
+        (CausalAttention(causal=False, eager=True), "matrix product mixes positions"),
+    ],
+    ids=["cumsum", "arange-positions", "causal-sdpa", "eager-attention"],
+)
+def test_unsupported_graph_names_the_node(model, message):
+    with pytest.raises(UnsupportedGraphError, match=message) as info:
+        lock_rows(capture(model))
+    assert f"'{info.value.node.name}'" in str(info.value)
+
+
+def test_model_without_position_input_is_rejected():
+    class NoPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+
+        def forward(self, input_ids):
+            return self.embed(input_ids)
+
+    with pytest.raises(ValueError, match="position_ids"):
+        capture(NoPositions())
+
+
+def reference_logits(model, x, locked, caches):
+    """Dense forward with locked rows' K/V replaced by ``caches`` (filled on the first call)."""
+    with ReplaceLockedKV(caches, locked):
+        return model_forward(model)(x, None)
+
+
+def locked_step(gm, x, locked, caches):
+    index, _ = active_index(locked)
+    B, N = x.shape
+    out = gm(x, torch.arange(N).expand(B, N), index, torch.ones(B, N, dtype=torch.bool), *caches)
+    return index, out[0], list(out[1:])
+
+
+def random_locked(gen, B, N, active):
+    """Per row, ``active[row]`` random positions stay active; the rest are locked."""
+    locked = torch.ones(B, N, dtype=torch.bool)
+    for row, count in enumerate(active):
+        locked[row, torch.randperm(N, generator=gen)[:count]] = False
+    return locked
+
+
+def check_against_reference(model, gm, B, N, active, seed, dtype=torch.float32):
+    """Two steps: a full pass fills the caches, then a pass with ``active`` rows per batch row."""
+    gen = torch.Generator().manual_seed(seed)
+    x1 = torch.randint(0, 97, (B, N), generator=gen)
+    x2 = x1.clone()
+    x2[:, ::2] = torch.randint(0, 97, x2[:, ::2].shape, generator=gen)
+    nothing = torch.zeros(B, N, dtype=torch.bool)
+    specs = cache_specs(gm)
+    caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype) for s in specs]
+    ref_caches = []
+    with torch.no_grad():
+        reference_logits(model, x1, nothing, ref_caches)
+        _, _, caches = locked_step(gm, x1, nothing, caches)
+        locked = random_locked(gen, B, N, active)
+        expected = reference_logits(model, x2, locked, ref_caches)
+        index, got, caches = locked_step(gm, x2, locked, caches)
+    tol = TOLERANCE[dtype]
+    for row in range(B):
+        rows = index[row][index[row] < N]
+        torch.testing.assert_close(got[row, : len(rows)], expected[row, rows], rtol=tol, atol=tol)
+        for layer, kv in enumerate(ref_caches):
+            for cache, ref in zip(caches[2 * layer: 2 * layer + 2], kv):
+                ref = ref.repeat_interleave(cache.shape[1] // ref.shape[1], dim=1)  # eager GQA vs repeated heads
+                torch.testing.assert_close(cache[row, :, :N], ref[row], rtol=tol, atol=tol)
+
+
+GRID = [  # (n_heads, n_kv_heads, n_layers, B, N, active rows per batch row)
+    (4, 4, 2, 1, 7, [1]),
+    (4, 2, 2, 1, 7, [7]),
+    (8, 2, 2, 3, 13, [1, 13, 5]),
+    (2, 2, 1, 2, 1, [1, 0]),
+]
+
+
+@pytest.mark.parametrize("heads, kv_heads, layers, B, N, active", GRID)
+@pytest.mark.parametrize("family", ["llada", "llama"])
+def test_locked_graph_matches_reference_semantics(family, heads, kv_heads, layers, B, N, active):
+    seed = hash((family, heads, kv_heads, layers, B, N)) % 2**31
+    model = tiny_model(seed=seed, n_heads=heads, n_kv_heads=kv_heads, n_layers=layers, d_model=32)
+    if family == "llama":
+        model = hf_llama_from_llada(model)
+    check_against_reference(model, lock_rows(capture(model)), B, N, active, seed)
+
+
+def test_bfloat16_model_matches_reference_semantics():
+    model = tiny_model(seed=5, n_kv_heads=2).to(torch.bfloat16)
+    check_against_reference(model, lock_rows(capture(model)), 2, 9, [3, 9], seed=5, dtype=torch.bfloat16)
+
+
+def test_inductor_compiled_graph_matches_reference_semantics():
+    model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
+    gm = lock_rows(capture(model))
+    compiled = torch.compile(gm, dynamic=True)
+    check_against_reference(model, compiled_with_specs(compiled, gm), 3, 10, [2, 10, 0], seed=9)
+
+
+def compiled_with_specs(compiled, gm):
+    """A compiled callable that still answers cache_specs() like its source graph."""
+    compiled.meta = gm.meta
+    return compiled
