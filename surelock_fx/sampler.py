@@ -29,6 +29,8 @@ class DecodeStats:
     locked_counts: list[int] = dataclasses.field(default_factory=list)
     flops_dense: float | None = None
     flops_locked: float | None = None
+    unmask_step: torch.Tensor | None = None  # [B, N]: step that committed each position, -1 for the prompt
+    lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, last_logits)
 
     @property
     def flops_ratio(self) -> float | None:
@@ -228,6 +230,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
             [attention_mask.to(torch.long), torch.ones(B, gen_length, dtype=torch.long, device=device)], dim=1
         )
     prompt_index = x != mask_id
+    stats.unmask_step = torch.full_like(x, -1)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     candidates = dict(mask_id=mask_id, temperature=temperature, remasking=remasking, eos=eos, eot=eot,
@@ -250,6 +253,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
                 else:
                     transfer = select_topk(confidence, schedule[:, step])
                 x = torch.where(transfer, x0, x)
+                stats.unmask_step[transfer] = stats.steps
                 step += 1
                 stats.steps += 1
                 bar.update(int(transfer.sum(1).max()) if threshold else 1)

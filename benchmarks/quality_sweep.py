@@ -1,0 +1,221 @@
+"""Quality sweep: what locking costs in accuracy and saves in FLOPs on the shipped trained model.
+
+    python benchmarks/quality_sweep.py [--quick] [--n 8] [--out results/quality]
+
+Grid: kl_threshold in {never, 5e-8, 5e-4, 5e-3, 5e-2} x confidence gate {off, 0.2} x lock_prompt
+{on, off}, for gen_length in {64, 128, 256} x steps in {gen_length, gen_length/2} x one block or
+block_length 32. Each decode setting decodes the same fresh problems (n per task) densely once
+and locked once per lock setting. Writes ``quality.json`` and plots (accuracy vs FLOPs ratio,
+active fraction over steps, a lock timeline, the KL-at-lock vs final-drift bound) into --out,
+and the results table into README.md between the quality markers.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import surelock_fx  # noqa: E402
+from surelock_fx import tasks  # noqa: E402
+from surelock_fx.evaluate import accuracy, compare, decode_problems, encode_batch  # noqa: E402
+
+EPSILONS = [5e-8, 5e-4, 5e-3, 5e-2]
+README = common.ROOT / "README.md"
+MARKERS = ("<!-- quality-table:begin -->", "<!-- quality-table:end -->")
+
+
+def decode_grid(quick: bool) -> list[dict]:
+    lengths = [64] if quick else [64, 128, 256]
+    grid = []
+    for gen in lengths:
+        for steps, block in itertools.product([gen, gen // 2], [gen, 32]):
+            if quick and (steps, block) != (gen, gen):
+                continue
+            grid.append(dict(gen_length=gen, steps=steps, block_length=block, temperature=0.0))
+    return grid
+
+
+def lock_grid(quick: bool) -> list[surelock_fx.LockConfig | None]:
+    gates, prompts = ([None], [True]) if quick else ([None, 0.2], [True, False])
+    locks = [None]  # "never": the locked graph with nothing locked
+    for eps, gate, prompt in itertools.product(EPSILONS, gates, prompts):
+        locks.append(surelock_fx.LockConfig(kl_threshold=eps, confidence_gate=gate, lock_prompt=prompt))
+    return locks
+
+
+def lock_label(lock) -> str:
+    if lock is None:
+        return "never"
+    gate = "" if lock.confidence_gate is None else f", gate {lock.confidence_gate:g}"
+    prompt = "" if lock.lock_prompt else ", prompt unlocked"
+    return f"eps {lock.kl_threshold:g}{gate}{prompt}"
+
+
+def active_curve(stats) -> list[float]:
+    """Active fraction per step, averaged over the batches of a run."""
+    curves = [[a / (a + l) for a, l in zip(s.active_counts, s.locked_counts)] for s in stats]
+    return [sum(c[i] for c in curves) / len(curves) for i in range(min(len(c) for c in curves))]
+
+
+def drift_points(model, tokenizer, prompts, run) -> list[tuple[float, float]]:
+    """(KL at lock, max |frozen log p - final dense log p|) for every locked generated position."""
+    points, start = [], 0
+    for stats in run.stats:
+        state = stats.lock_state
+        B = state.locked.shape[0]
+        ids, mask = encode_batch(tokenizer, prompts[start:start + B])
+        final = torch.cat([ids, torch.stack(run.generated[start:start + B])], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(final[:, ids.shape[1]:])], dim=1)
+        with torch.inference_mode():
+            dense = torch.log_softmax(model(final, attention_mask=full_mask).float(), dim=-1)
+        frozen = torch.log_softmax(state.last_logits[:, : final.shape[1]].float(), dim=-1)
+        b, j = (state.locked & (torch.arange(final.shape[1]) >= ids.shape[1])).nonzero(as_tuple=True)
+        drift = (frozen[b, j] - dense[b, j]).abs().amax(-1)
+        points += list(zip(state.lock_kl[b, j].tolist(), drift.tolist()))
+        start += B
+    return points
+
+
+def timeline(run, row: int = 0) -> list[list[int]]:
+    """[steps][N] states of one problem: 0 masked, 1 unmasked and active, 2 locked."""
+    stats = run.stats[0]
+    unmask, lock = stats.unmask_step[row], stats.lock_state.lock_step[row]
+    states = []
+    for step in range(stats.steps):
+        s = torch.ones_like(unmask)
+        s[unmask >= step] = 0
+        s[(lock >= 0) & (lock < step)] = 2
+        states.append(s.tolist())
+    return states
+
+
+def sweep(args) -> dict:
+    model, tokenizer = tasks.load_default()
+    optimized = surelock_fx.optimize(model)
+    problems = [p for task in tasks.TASKS for p in tasks.make_problems(task, args.n, args.seed)]
+    prompts, expected = [p for p, _ in problems], [a for _, a in problems]
+    rows, curves, bound, timelines = [], {}, {}, {}
+    for decode in decode_grid(args.quick):
+        key = f"gen {decode['gen_length']}, steps {decode['steps']}, block {decode['block_length']}"
+        dense = decode_problems(model, tokenizer, prompts, batch_size=len(prompts), desc=f"dense {key}", **decode)
+        for lock in lock_grid(args.quick):
+            locked = decode_problems(optimized, tokenizer, prompts, batch_size=len(prompts), lock=lock,
+                                     desc=f"{lock_label(lock)} | {key}", **decode)
+            row = dict(decode=decode, lock=None if lock is None else dataclasses.asdict(lock),
+                       label=lock_label(lock), n=len(problems), **compare(dense, locked, expected))
+            row["accuracy_locked_per_task"] = {
+                t: accuracy(locked.answers[i * args.n:(i + 1) * args.n], expected[i * args.n:(i + 1) * args.n])
+                for i, t in enumerate(tasks.TASKS)}
+            rows.append(row)
+            if lock is not None and lock.confidence_gate is None and lock.lock_prompt:
+                curves.setdefault(key, {})[lock_label(lock)] = active_curve(locked.stats)
+                if decode["steps"] == decode["gen_length"] and decode["block_length"] == decode["gen_length"]:
+                    bound[f"{key} | {lock_label(lock)}"] = drift_points(model, tokenizer, prompts, locked)
+                    timelines[f"{key} | {lock_label(lock)}"] = timeline(locked)
+    return dict(machine=common.machine_info(), settings=dict(n_per_task=args.n, seed=args.seed, quick=args.quick,
+                tasks=list(tasks.TASKS), model=str(tasks.default_model_dir().name)),
+                rows=rows, active_curves=curves, bound=bound, timelines=timelines)
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for gen in sorted({r["decode"]["gen_length"] for r in result["rows"]}):
+        rs = [r for r in result["rows"] if r["decode"]["gen_length"] == gen]
+        ax.scatter([r["flops_ratio"] for r in rs], [r["accuracy_locked"] for r in rs], label=f"gen_length {gen}", alpha=0.7)
+    ax.set(xlabel="FLOPs ratio (locked / dense)", ylabel="accuracy (locked)", title="Accuracy vs FLOPs ratio")
+    ax.legend()
+    paths.append(_save(fig, out / "accuracy_vs_flops.png"))
+
+    key = next(iter(result["active_curves"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, curve in result["active_curves"][key].items():
+        ax.plot(curve, label=label)
+    ax.set(xlabel="decoding step", ylabel="active fraction M/N", title=f"Active fraction over steps ({key})")
+    ax.legend()
+    paths.append(_save(fig, out / "active_fraction.png"))
+
+    name = next(k for k in result["timelines"] if "eps 0.005" in k)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = matplotlib.colors.ListedColormap(["#d9d9d9", "#4c72b0", "#dd8452"])
+    ax.imshow(torch.tensor(result["timelines"][name]).T, aspect="auto", cmap=cmap, vmin=0, vmax=2,
+              interpolation="nearest", origin="lower")
+    ax.set(xlabel="decoding step", ylabel="position", title=f"Lock timeline: grey masked, blue active, orange locked\n{name}")
+    paths.append(_save(fig, out / "lock_timeline.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in result["bound"].items():
+        if points:
+            kl, drift = zip(*points)
+            ax.scatter([max(k, 1e-12) for k in kl], drift, s=8, alpha=0.5, label=label.split(" | ")[1])
+    ax.set(xscale="log", yscale="log", xlabel="KL at lock time", ylabel="max |frozen log p - final dense log p|",
+           title="Frozen predictions vs the dense model at the end")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "lock_bound.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def table(result: dict) -> str:
+    """Markdown table of the sweep, one row per (decode setting, lock setting)."""
+    lines = ["| gen | steps | block | lock | acc dense | acc locked | token agreement | FLOPs ratio | wall ratio |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        d = r["decode"]
+        lines.append(f"| {d['gen_length']} | {d['steps']} | {d['block_length']} | {r['label']} | "
+                     f"{r['accuracy_dense']:.3f} | {r['accuracy_locked']:.3f} | {r['token_agreement']:.3f} | "
+                     f"{r['flops_ratio']:.3f} | {r['wall_ratio']:.2f} |")
+    s = result["settings"]
+    lines.append(f"\n_{s['n_per_task']} problems per task x {len(s['tasks'])} tasks, seed {s['seed']}, "
+                 f"model `{s['model']}`, {result['machine']['cpu_model']}; generated by "
+                 f"`python benchmarks/quality_sweep.py{' --quick' if s['quick'] else ''} --n {s['n_per_task']}`._")
+    return "\n".join(lines)
+
+
+def write_readme_table(result: dict) -> None:
+    text = README.read_text()
+    begin, end = MARKERS
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{begin}\n{table(result)}\n{end}{tail}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="gen_length 64, one decode setting, eps only")
+    parser.add_argument("--n", type=int, default=8, help="problems per task (default: 8)")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT / "quality")
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md's table")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = sweep(args)
+    (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+    for path in plot(result, args.out):
+        print(f"wrote {path}")
+    print(table(result))
+    if not args.no_readme:
+        write_readme_table(result)
+
+
+if __name__ == "__main__":
+    main()
