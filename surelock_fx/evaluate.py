@@ -83,14 +83,12 @@ def compare(dense: DecodeRun, locked: DecodeRun, expected: list[str]) -> dict:
     )
 
 
-def evaluate_locking(model, tokenizer, problems: list[tuple[str, str]], locks: list[LockConfig], *,
-                     backend: str = "eager", batch_size: int = 64, **decode) -> list[dict]:
-    """One dense decode of ``problems``, then one locked decode per LockConfig; a result row each."""
-    from .optimize import optimize
-
+def evaluate_locking(model, optimized, tokenizer, problems: list[tuple[str, str]], locks: list[LockConfig], *,
+                     batch_size: int = 64, **decode) -> list[dict]:
+    """One dense decode of ``problems`` with ``model``, then one locked decode with ``optimized``
+    (``surelock_fx.optimize(model)``) per LockConfig; a result row each."""
     prompts, expected = [p for p, _ in problems], [a for _, a in problems]
     dense = decode_problems(model, tokenizer, prompts, batch_size=batch_size, desc="dense", **decode)
-    optimized = optimize(model, backend=backend)
     rows = []
     for lock in locks:
         locked = decode_problems(optimized, tokenizer, prompts, batch_size=batch_size, lock=lock,
@@ -154,6 +152,7 @@ def run_eval(args) -> int:
     from . import tasks
     from .cli import DTYPES, load_tokenizer, resolve_device
     from .models import load_model
+    from .optimize import optimize
 
     path = args.model or tasks.default_model_dir()
     tokenizer = load_tokenizer(Path(path))
@@ -163,10 +162,11 @@ def run_eval(args) -> int:
                                      ("block_length", args.block_length)) if v is not None})
     locks = [LockConfig(kl_threshold=eps, confidence_gate=args.confidence_gate, lock_prompt=not args.no_lock_prompt)
              for eps in args.lock_eps]
+    optimized = optimize(model, backend=args.backend)
     rows = []
     for task in args.task or list(tasks.TASKS):
-        for row in evaluate_locking(model, tokenizer, _problems(task, args.n, args.seed), locks,
-                                    backend=args.backend, batch_size=args.batch_size, **decode):
+        for row in evaluate_locking(model, optimized, tokenizer, _problems(task, args.n, args.seed), locks,
+                                    batch_size=args.batch_size, **decode):
             rows.append(dict(task=Path(task).stem, seed=args.seed, decode=decode, **row))
     print(format_rows(rows))
     if args.json:
