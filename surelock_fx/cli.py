@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from . import export
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_ERROR = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -130,6 +132,8 @@ def run_generate(args: argparse.Namespace) -> int:
 # (name, help, add_arguments(parser), run(args) -> exit code)
 SUBCOMMANDS = [
     ("generate", "decode an answer to one prompt with a LLaDA checkpoint", add_generate_arguments, run_generate),
+    ("export", "write a checkpoint's locked graph as ONNX or TensorRT engines", export.add_cli_arguments,
+     export.run_cli),
 ]
 
 

@@ -7,12 +7,14 @@ import torch
 from torch import fx
 
 from .capture import capture
+from .export import backend_graph, check_backend
 from .lock import LockConfig
 from .passes import cache_specs, lock_rows
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
+EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
 
 
 class OptimizedModel(torch.nn.Module):
@@ -41,11 +43,16 @@ class OptimizedModel(torch.nn.Module):
                             lock, stats, self.bucket)
 
 
-def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1) -> OptimizedModel:
+def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, export_dir=None,
+             **backend_options) -> OptimizedModel:
     """Capture ``model`` with torch.export, rewrite it to compute only active rows, and compile it.
 
     backend: "eager" runs the rewritten graph as is; "inductor" compiles it with torch.compile
-    (dynamic shapes, compiled on first use). bucket: active counts are padded up to a multiple of
+    (dynamic shapes, compiled on first use); "onnxruntime" exports it to ONNX (into ``export_dir``,
+    else a temporary directory) and runs it in ONNX Runtime sessions (CUDA provider if available);
+    "tensorrt" builds TensorRT engines (torch-tensorrt, CUDA; saved to ``export_dir`` if given).
+    backend_options: for "tensorrt" the ranges and settings of ``surelock_fx.export_tensorrt``,
+    for "onnxruntime" ``providers``. bucket: active counts are padded up to a multiple of
     it, so compiled graphs are reused across steps.
     The model must take ``input_ids`` and ``position_ids`` and return logits (or an output with
     ``.logits``); its config must name a ``mask_token_id``.
@@ -54,7 +61,12 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1) ->
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if not isinstance(bucket, int) or bucket < 1:
         raise ValueError(f"bucket must be a positive integer, got {bucket!r}")
+    check_backend(backend, export_dir, backend_options)  # before the slow capture
     start = time.perf_counter()
     dense = capture(model)
     locked = lock_rows(dense)
-    return OptimizedModel(model, locked, dense, backend, bucket, time.perf_counter() - start)
+    optimized = OptimizedModel(model, locked, dense, backend, bucket, time.perf_counter() - start)
+    if backend in EXPORT_BACKENDS:
+        optimized.compiled = backend_graph(optimized, backend, export_dir, **backend_options)
+        optimized.compile_seconds = time.perf_counter() - start
+    return optimized
