@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import export
+from . import evaluate, export
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_ERROR = 2
@@ -29,10 +29,11 @@ class CLIError(ValueError):
 
 # --- shared helpers ------------------------------------------------------------------------
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--model, --dtype, --device: where the checkpoint is and how to hold it."""
-    parser.add_argument("--model", required=True, type=Path,
-                        help="checkpoint directory (config.json, safetensors weights, tokenizer)")
+    parser.add_argument("--model", required=required, type=Path, default=None,
+                        help="checkpoint directory (config.json, safetensors weights, tokenizer)"
+                        + ("" if required else "; default: the shipped tiny-tasks model"))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype to load the weights in (default: float32)")
     parser.add_argument("--device", default=None,
@@ -132,6 +133,10 @@ def run_generate(args: argparse.Namespace) -> int:
 # (name, help, add_arguments(parser), run(args) -> exit code)
 SUBCOMMANDS = [
     ("generate", "decode an answer to one prompt with a LLaDA checkpoint", add_generate_arguments, run_generate),
+    ("eval", "decode fresh problems dense and locked; compare accuracy, FLOPs and time",
+     evaluate.add_eval_arguments, evaluate.run_eval),
+    ("demo", "the main job: dense vs locked decoding of every task on the shipped model",
+     evaluate.add_demo_arguments, evaluate.run_demo),
     ("export", "write a checkpoint's locked graph as ONNX or TensorRT engines", export.add_cli_arguments,
      export.run_cli),
 ]
