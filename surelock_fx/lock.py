@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.profiler import record_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,22 +39,26 @@ class LockConfig:
             raise ValueError(f"confidence_gate must be a fraction in (0, 1], got {self.confidence_gate}")
 
 
-def active_index(locked: torch.Tensor, bucket: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def active_index(locked: torch.Tensor, bucket: int = 1, full_from: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, M] positions of unlocked rows in order, padded with N; [B] active counts).
 
-    M is the largest active count rounded up to a multiple of ``bucket`` (at most N).
+    M is the largest active count rounded up to a multiple of ``bucket`` (at most N); if that is at
+    least ``full_from * N``, M is N (the crossover to a full-width step: same rows computed, padding
+    to the scratch slot, one graph shape for all nearly dense steps).
     """
     B, N = locked.shape
     counts = (~locked).sum(dim=1)
     M = min(N, -(-max(int(counts.max()), 1) // bucket) * bucket)
+    if M >= full_from * N:
+        M = N
     order = torch.sort(locked.to(torch.uint8), dim=1, stable=True).indices[:, :M]
     padding = torch.arange(M, device=locked.device)[None, :] >= counts[:, None]
     return order.masked_fill(padding, N), counts
 
 
 class LockState:
-    """Lock mask and previous log-probabilities of one decode; per-row tensors carry a scratch
-    column N where padding rows of an active index land."""
+    """Lock mask and latest logits of one decode; per-row tensors carry a scratch column N where
+    padding rows of an active index land."""
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int):
         B, N = first_input.shape
@@ -62,40 +67,60 @@ class LockState:
         self.locked = torch.zeros(B, N, dtype=torch.bool, device=first_input.device)
         self.prompt = self._with_scratch(first_input != mask_id)
         self.has_prev = torch.zeros(B, N + 1, dtype=torch.bool, device=first_input.device)
-        self.prev_logp: torch.Tensor | None = None
+        # [B, N + 1, V]: raw logits of each row's latest active pass (p_{t-1} of the KL rule, and
+        # what a runner hands the sampler); allocated on the first update.
+        self.last_logits: torch.Tensor | None = None
 
     @staticmethod
     def _with_scratch(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
 
+    def store(self, index: torch.Tensor, logits: torch.Tensor) -> None:
+        """Write the logits [B, M, V] of rows ``index`` [B, M] into ``last_logits`` (row copies)."""
+        if self.last_logits is None:
+            self.last_logits = logits.new_zeros(self.locked.shape[0], self.seq + 1, logits.shape[-1])
+        batch = torch.arange(index.shape[0], device=index.device)[:, None]
+        with record_function("surelock::store_logits"):
+            self.last_logits[batch, index] = logits
+
     def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
         """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
-        input had ``unmasked`` [B, N] positions already decided."""
-        if self.config is None:
-            return
+        input had ``unmasked`` [B, N] positions already decided; then store the logits.
+
+        The full-vocabulary KL is computed only for candidates (active rows already unmasked, with
+        a previous pass): log-softmax of their new and stored logits at temperature 1, in float32.
+        """
+        if self.config is not None:
+            unmasked = self._with_scratch(unmasked)
+            candidate = unmasked.gather(1, index) & self.has_prev.gather(1, index)
+            if not self.config.lock_prompt:
+                candidate &= ~self.prompt.gather(1, index)
+            sure = torch.zeros_like(candidate)
+            b, j = candidate.nonzero(as_tuple=True)
+            if b.numel():
+                with record_function("surelock::kl"):
+                    sure[b, j] = self._sure(logits[b, j], self.last_logits[b, index[b, j]], b, j, candidate.shape)
+            self.has_prev.scatter_(1, index, True)
+            locked = self._with_scratch(self.locked)
+            locked.scatter_(1, index, locked.gather(1, index) | sure)
+            self.locked = locked[:, : self.seq]
+        self.store(index, logits)
+
+    def _sure(self, logits: torch.Tensor, prev_logits: torch.Tensor, b, j, shape) -> torch.Tensor:
+        """The lock rule for candidate rows (b, j) given their new and previous logits [C, V]."""
         logp = torch.log_softmax(logits.float(), dim=-1)
-        if self.prev_logp is None:
-            self.prev_logp = logp.new_zeros(self.locked.shape[0], self.seq + 1, logp.shape[-1])
-        rows = index.unsqueeze(-1).expand_as(logp)
-        prev = self.prev_logp.gather(1, rows)
-        kl = (logp.exp() * (logp - prev)).sum(-1)
-        unmasked = self._with_scratch(unmasked)
-        candidate = unmasked.gather(1, index) & self.has_prev.gather(1, index)
-        if not self.config.lock_prompt:
-            candidate &= ~self.prompt.gather(1, index)
-        sure = candidate & (kl <= self.config.kl_threshold)
+        prev = torch.log_softmax(prev_logits.float(), dim=-1)
+        sure = (logp.exp() * (logp - prev)).sum(-1) <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            sure &= _most_confident(logp, candidate, self.config.confidence_gate)
-        self.prev_logp.scatter_(1, rows, logp)
-        self.has_prev.scatter_(1, index, True)
-        locked = self._with_scratch(self.locked)
-        locked.scatter_(1, index, locked.gather(1, index) | sure)
-        self.locked = locked[:, : self.seq]
+            sure &= _most_confident(logp, b, j, shape, self.config.confidence_gate)
+        return sure
 
 
-def _most_confident(logp: torch.Tensor, candidate: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Candidates whose uncertainty 1 - max p is within the ``fraction``-quantile of their row's candidates."""
+def _most_confident(logp: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
+    """For candidate rows (b, j) with log-probabilities ``logp`` [C, V]: whether each one's
+    uncertainty 1 - max p is within the ``fraction``-quantile of its batch row's candidates."""
     uncertainty = 1 - logp.max(dim=-1).values.exp()
-    masked = uncertainty.masked_fill(~candidate, float("nan"))
-    cutoff = torch.nanquantile(masked, fraction, dim=1, keepdim=True)
-    return uncertainty <= cutoff
+    masked = torch.full(shape, float("nan"), dtype=uncertainty.dtype, device=uncertainty.device)
+    masked[b, j] = uncertainty
+    cutoff = torch.nanquantile(masked, fraction, dim=1)
+    return uncertainty <= cutoff[b]

@@ -4,6 +4,10 @@ A runner is the forward function the sampler calls, ``(x [B, N], attention_mask)
 [B, N, V]``; behind it, only the active rows are computed and the lock state is updated from
 their logits. Rows that are locked return stale logits: the sampler never reads them, since a
 locked position is already unmasked.
+
+Per step the runner's own work (profiled under the ``surelock::*`` record_function labels) is:
+building the active index, running the graph, the KL lock rule on the candidate rows and copying
+the M rows of logits into the lock state's [B, N + 1, V] buffer, which it hands the sampler.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import fx
+from torch.profiler import record_function
 
 from .lock import LockConfig, LockState, active_index
 from .passes import CacheSpec
@@ -43,6 +48,14 @@ class FlopModel:
         return rows * (self.per_row + keys * self.per_pair)
 
 
+# The crossover to full-width steps (``active_index(..., full_from)``): a step whose bucketed
+# active count M reaches this fraction of N runs with M = N. Computing N instead of M rows is
+# exact (the extra rows are padding aimed at the scratch slot) and costs at most
+# (1 - FULL_FROM) / FULL_FROM more FLOPs, while every nearly dense step shares one graph shape.
+# benchmarks/step_latency.py measures where the locked graph stops paying off.
+FULL_FROM = 0.95
+
+
 LockedGraph = Callable[..., tuple]
 
 
@@ -50,9 +63,9 @@ class LockedRunner:
     """Runs a locked graph for one decode, holding its caches and lock state."""
 
     def __init__(self, graph: LockedGraph, specs: list[CacheSpec], config, flops: FlopModel,
-                 lock: LockConfig | None, stats: DecodeStats, bucket: int = 1):
+                 lock: LockConfig | None, stats: DecodeStats, bucket: int = 1, full_from: float = FULL_FROM):
         self.graph, self.specs, self.flops = graph, specs, flops
-        self.lock, self.stats, self.bucket = lock, stats, bucket
+        self.lock, self.stats, self.bucket, self.full_from = lock, stats, bucket, full_from
         self.mask_id = special_ids(config)[0]
         self.state: LockState | None = None
 
@@ -61,7 +74,6 @@ class LockedRunner:
         self.state = LockState(self.lock, x, self.mask_id)
         self.caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype, device=x.device) for s in self.specs]
         self.positions = torch.arange(N, device=x.device).expand(B, N)
-        self.logits = None
         self.stats.flops_dense = self.stats.flops_locked = 0
 
     def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -71,14 +83,14 @@ class LockedRunner:
         elif self.state.locked.shape != (B, N):
             raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after {tuple(self.state.locked.shape)}")
         key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
-        index, counts = active_index(self.state.locked, self.bucket)
-        logits, *self.caches = self.graph(x, self.positions, index, key_mask, *self.caches)
-        if self.logits is None:
-            self.logits = logits.new_zeros(B, N + 1, logits.shape[-1])
-        self.logits.scatter_(1, index.unsqueeze(-1).expand_as(logits), logits)
+        with record_function("surelock::index"):
+            index, counts = active_index(self.state.locked, self.bucket, self.full_from)
+        with record_function("surelock::graph"):
+            logits, *self.caches = self.graph(x, self.positions, index, key_mask, *self.caches)
         self._record(counts, N)
-        self.state.update(index, logits, x != self.mask_id)
-        return self.logits[:, :N]
+        with record_function("surelock::lock_update"):
+            self.state.update(index, logits, x != self.mask_id)
+        return self.state.last_logits[:, :N]
 
     def _record(self, counts: torch.Tensor, N: int) -> None:
         stats = self.stats
