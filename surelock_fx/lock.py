@@ -70,6 +70,10 @@ class LockState:
         # [B, N + 1, V]: raw logits of each row's latest active pass (p_{t-1} of the KL rule, and
         # what a runner hands the sampler); allocated on the first update.
         self.last_logits: torch.Tensor | None = None
+        # Trace for analysis: the update (step) at which each position locked and its KL then.
+        self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=first_input.device)
+        self.lock_kl = torch.full((B, N), float("nan"), device=first_input.device)
+        self.updates = 0
 
     @staticmethod
     def _with_scratch(rows: torch.Tensor) -> torch.Tensor:
@@ -99,21 +103,27 @@ class LockState:
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
                 with record_function("surelock::kl"):
-                    sure[b, j] = self._sure(logits[b, j], self.last_logits[b, index[b, j]], b, j, candidate.shape)
+                    sure[b, j], kl = self._sure(logits[b, j], self.last_logits[b, index[b, j]], b, j, candidate.shape)
+                locking = sure[b, j]
+                rows, positions = b[locking], index[b, j][locking]
+                self.lock_step[rows, positions] = self.updates
+                self.lock_kl[rows, positions] = kl[locking]
             self.has_prev.scatter_(1, index, True)
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
         self.store(index, logits)
+        self.updates += 1
 
-    def _sure(self, logits: torch.Tensor, prev_logits: torch.Tensor, b, j, shape) -> torch.Tensor:
-        """The lock rule for candidate rows (b, j) given their new and previous logits [C, V]."""
+    def _sure(self, logits: torch.Tensor, prev_logits: torch.Tensor, b, j, shape):
+        """(lock decision, KL) for candidate rows (b, j) given their new and previous logits [C, V]."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         prev = torch.log_softmax(prev_logits.float(), dim=-1)
-        sure = (logp.exp() * (logp - prev)).sum(-1) <= self.config.kl_threshold
+        kl = (logp.exp() * (logp - prev)).sum(-1)
+        sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
             sure &= _most_confident(logp, b, j, shape, self.config.confidence_gate)
-        return sure
+        return sure, kl
 
 
 def _most_confident(logp: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:

@@ -71,7 +71,7 @@ class LockedRunner:
 
     def _start(self, x: torch.Tensor) -> None:
         B, N = x.shape
-        self.state = LockState(self.lock, x, self.mask_id)
+        self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id)
         self.caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype, device=x.device) for s in self.specs]
         self.positions = torch.arange(N, device=x.device).expand(B, N)
         self.stats.flops_dense = self.stats.flops_locked = 0

@@ -124,6 +124,10 @@ def test_kl_lock_rule_matches_a_direct_computation():
     expected = (kl <= 0.05) & unmasked
     expected[:, :2] = False  # lock_prompt=False
     assert torch.equal(state.locked, expected)
+    assert expected.any()
+    assert torch.equal(state.lock_step, torch.where(expected, 1, -1))  # locked at the second update
+    torch.testing.assert_close(state.lock_kl[expected], kl[expected])
+    assert state.lock_kl[~expected].isnan().all()
 
 
 def test_confidence_gate_keeps_only_the_most_confident():
