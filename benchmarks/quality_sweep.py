@@ -1,6 +1,6 @@
 """Quality sweep: what locking costs in accuracy and saves in FLOPs on the shipped trained model.
 
-    python benchmarks/quality_sweep.py [--quick] [--n 8] [--out results/quality]
+    python benchmarks/quality_sweep.py [--quick] [--n 8] [--out benchmarks/figures/quality]
 
 Grid: kl_threshold in {never, 5e-8, 5e-4, 5e-3, 5e-2} x confidence gate {off, 0.2} x lock_prompt
 {on, off}, for gen_length in {64, 128, 256} x steps in {gen_length, gen_length/2} x one block or
@@ -98,7 +98,12 @@ def timeline(run, row: int = 0) -> list[list[int]]:
 
 
 def sweep(args) -> dict:
-    model, tokenizer = tasks.load_default()
+    from transformers import AutoTokenizer
+
+    from surelock_fx.models import load_model
+
+    model = load_model(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     optimized = surelock_fx.optimize(model)
     problems = [p for task in tasks.TASKS for p in tasks.make_problems(task, args.n, args.seed)]
     prompts, expected = [p for p, _ in problems], [a for _, a in problems]
@@ -121,7 +126,7 @@ def sweep(args) -> dict:
                     bound[f"{key} | {lock_label(lock)}"] = drift_points(model, tokenizer, prompts, locked)
                     timelines[f"{key} | {lock_label(lock)}"] = timeline(locked)
     return dict(machine=common.machine_info(), settings=dict(n_per_task=args.n, seed=args.seed, quick=args.quick,
-                tasks=list(tasks.TASKS), model=str(tasks.default_model_dir().name)),
+                tasks=list(tasks.TASKS), model=Path(args.model).name),
                 rows=rows, active_curves=curves, bound=bound, timelines=timelines)
 
 
@@ -201,10 +206,13 @@ def write_readme_table(result: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=tasks.default_model_dir(),
+                        help="checkpoint with tokenizer (default: the shipped tiny-tasks model)")
     parser.add_argument("--quick", action="store_true", help="gen_length 64, one decode setting, eps only")
     parser.add_argument("--n", type=int, default=8, help="problems per task (default: 8)")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--out", type=Path, default=common.DEFAULT_OUT / "quality")
+    parser.add_argument("--out", type=Path, default=common.FIGURES / "quality",
+                        help="where quality.json and the plots go (default: benchmarks/figures/quality)")
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md's table")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
