@@ -1,0 +1,287 @@
+"""Shared helpers of the compiler-level benchmarks: models, timing, compile counting, machine info,
+JSON and plots.
+
+The benchmark scripts import this module as ``common`` (they put ``benchmarks/`` on ``sys.path``).
+Every script writes one JSON file (``machine`` + ``settings`` + its results) and PNG plots into
+its ``--out`` directory (default ``results/``); ``make_report.py`` turns the JSON into
+``BENCHMARKS.md`` and ``benchmarks/figures/``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "results"
+FIGURES = ROOT / "benchmarks" / "figures"
+
+# LLaDA-shaped model presets (DESIGN §3 architecture, random weights). ``bench`` is big enough that
+# matrix products dominate a step on a CPU; ``e2e`` is 1/2 its width so that whole decodes fit in
+# the time a CPU benchmark can take; ``small`` is for --quick; ``tiny`` for the unit tests.
+PRESETS = {
+    "bench": dict(d_model=1024, n_layers=8, n_heads=16, mlp_hidden_size=2816, vocab_size=32000),
+    "e2e": dict(d_model=512, n_layers=8, n_heads=8, mlp_hidden_size=1408, vocab_size=32000),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, mlp_hidden_size=704, vocab_size=8000),
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, mlp_hidden_size=96, vocab_size=101),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# machine, settings, JSON
+# ----------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    return dict(
+        cpu_model=cpu_model(),
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        torch_version=torch.__version__,
+        python_version=platform.python_version(),
+        platform=platform.platform(),
+        cuda=torch.cuda.is_available(),
+        git_commit=git_commit(),
+        load_average_start=load_average(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = dict(payload)
+    payload.setdefault("machine", {})["load_average_end"] = load_average()
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (torch.dtype, Path)):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small model and grid (finishes in about a minute)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON and PNG files")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine, OpenMP with as many threads as cores "
+                         "stalls at every parallel region whenever another process holds a core)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    return ap
+
+
+def setup(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # A benchmark sweeps many shapes; past dynamo's recompilation limit (8) a compiled function would
+    # silently fall back to eager. Compilations are counted and reported instead.
+    torch._dynamo.config.recompile_limit = 64
+    torch.manual_seed(args.seed)
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr (``disable`` passes through)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+
+def model_config(preset: str | dict, **overrides):
+    """A LLaDAConfig from a preset name (``PRESETS``) or a dict of sizes; special ids at the top of the vocabulary."""
+    from surelock_fx.models import LLaDAConfig
+
+    sizes = dict(PRESETS[preset]) if isinstance(preset, str) else dict(preset)
+    sizes.update(overrides)
+    V = sizes["vocab_size"]
+    return LLaDAConfig(mask_token_id=V - 1, eos_token_id=V - 2, pad_token_id=V - 2, bos_token_id=V - 3,
+                       eot_token_id=V - 4, rope_theta=10000.0, max_sequence_length=8192, **sizes)
+
+
+def random_model(preset: str | dict, seed: int = 0, logit_scale: float = 3.0, **overrides):
+    """A float32 LLaDAModel with seeded random weights (std 1/sqrt(fan_in); LM head ``logit_scale`` times
+    that, so the softmax is peaked as a trained model's), in eval mode. Built on the meta device and
+    filled in place, so the 166M-parameter ``bench`` model takes seconds."""
+    from surelock_fx.models import LLaDAModel
+
+    config = model_config(preset, **overrides)
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    head = model.lm_head_weight
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5, generator=gen)
+            elif param is model.model.transformer.wte.weight:
+                param.normal_(0.0, 1.0, generator=gen)
+            else:
+                std = 1 / math.sqrt(param.shape[1]) * (logit_scale if param is head else 1.0)
+                param.normal_(0.0, std, generator=gen)
+    return model.eval()
+
+
+def describe_model(model) -> dict:
+    cfg = model.config
+    return dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=cfg.vocab_size,
+                parameters=sum(p.numel() for p in model.parameters()), dtype=str(cfg_dtype(model)))
+
+
+def cfg_dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def compiled_dense(model, backend: str, dynamic: bool = False):
+    """The dense baseline of a backend: the plain model (eager) or ``torch.compile`` of it (inductor;
+    static shapes by default, one compilation per shape, the strongest baseline)."""
+    if backend == "eager":
+        return model
+    if backend == "inductor":
+        return torch.compile(model, dynamic=dynamic)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# timing and compilation counting
+# ----------------------------------------------------------------------------------------------
+
+def time_calls(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return dict(median_s=statistics.median(times), min_s=min(times), max_s=max(times), reps=len(times))
+
+
+class CompileCounter:
+    """Counts what torch.compile did since it was created: graphs compiled (``unique_graphs``),
+    recompilations and frames compiled, from the process-global ``torch._dynamo.utils.counters``."""
+
+    def __init__(self):
+        self.before = self._read()
+
+    @staticmethod
+    def _read() -> dict:
+        from torch._dynamo.utils import counters
+
+        return dict(graphs=counters["stats"]["unique_graphs"], recompiles=sum(counters["recompiles"].values()),
+                    frames_ok=counters["frames"]["ok"])
+
+    def delta(self) -> dict:
+        now = self._read()
+        return {k: now[k] - self.before[k] for k in now}
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """``with count_compilations() as c: ...`` fills ``c`` with the CompileCounter delta of the block."""
+    counter = CompileCounter()
+    out: dict = {}
+    try:
+        yield out
+    finally:
+        out.update(counter.delta())
+
+
+# ----------------------------------------------------------------------------------------------
+# efficiency and plots
+# ----------------------------------------------------------------------------------------------
+
+def efficiency(t_dense: float, t_locked: float, flops_dense: float, flops_locked: float) -> dict:
+    """speedup = t_dense / t_locked; ideal = flops_dense / flops_locked; efficiency = speedup / ideal."""
+    speedup = t_dense / t_locked
+    ideal = flops_dense / flops_locked
+    return dict(speedup=speedup, ideal_speedup=ideal, efficiency=speedup / ideal)
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def save_figure(fig, out_dir: Path, name: str) -> Path:
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt().close(fig)
+    return path
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

@@ -1,0 +1,363 @@
+"""Generate BENCHMARKS.md (and its figures) from the benchmarks' JSON. Never edit BENCHMARKS.md by hand.
+
+    python benchmarks/make_report.py [--results results/] [--output BENCHMARKS.md] [--figures benchmarks/figures]
+
+Reads ``step_latency.json``, ``decode_e2e.json`` and ``overhead.json`` from ``--results`` (each
+optional), redraws their plots into ``--figures`` and writes the report: settings and machine,
+the targets and whether they are met, tables, plots, and the comparison with the paper's numbers.
+With ``--readme`` (default when writing the default output), the block between
+``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` in README.md gets the headline
+numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+ROOT = common.ROOT
+PAPER = dict(flops_ratio=(0.47, 0.55), tps_ratio_b_ge_2=(1.17, 1.39), tps_ratio_b1_g64=0.73,
+             note="LLaDA-8B-Instruct on a GPU, eps 5e-4..5e-3, plain-PyTorch gather/scatter (SureLock, ICLR 2026)")
+README_BEGIN, README_END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+COMMANDS = """```bash
+python benchmarks/step_latency.py   # per-step latency vs active fraction (add --quick for a ~1.5 min run)
+python benchmarks/decode_e2e.py     # end-to-end decodes with a recorded lock schedule
+python benchmarks/overhead.py       # optimize() cost and per-step bookkeeping share
+python benchmarks/make_report.py    # this file, from results/*.json
+```"""
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=common.DEFAULT_OUT)
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--figures", type=Path, default=common.FIGURES)
+    ap.add_argument("--readme", dest="readme", action="store_true", default=None)
+    ap.add_argument("--no-readme", dest="readme", action="store_false")
+    args = ap.parse_args(argv)
+    if args.readme is None:
+        args.readme = args.output.resolve() == (ROOT / "BENCHMARKS.md").resolve()
+    return args
+
+
+def load(results: Path) -> dict:
+    out = {}
+    for name in ("step_latency", "decode_e2e", "overhead"):
+        path = results / f"{name}.json"
+        if path.exists():
+            out[name] = common.read_json(path)
+    return out
+
+
+f2, f1, f3 = (lambda v: common.fmt(v, 2)), (lambda v: common.fmt(v, 1)), (lambda v: common.fmt(v, 3))
+
+
+def pct(v):
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rel(path: Path, output: Path) -> str:
+    return os.path.relpath(path, output.parent).replace(os.sep, "/")
+
+
+def machine_section(data: dict) -> str:
+    rows = []
+    for name, d in data.items():
+        m, s = d["machine"], d["settings"]
+        rows.append([f"`{name}`", "quick" if d.get("quick") else "full", m["cpu_model"], m["cpu_cores"],
+                     s.get("threads", m.get("torch_threads")), m["torch_version"], m.get("git_commit") or "–",
+                     m.get("date", "–"), f"{m.get('load_average_start')} → {m.get('load_average_end')}"])
+    return table(["benchmark", "mode", "CPU", "cores", "torch threads", "torch", "commit", "date (UTC)",
+                  "load avg (1/5/15 min) start → end"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------
+
+def target_rows(data: dict) -> list[list]:
+    rows = []
+    sl, e2e = data.get("step_latency"), data.get("decode_e2e")
+    if sl:
+        pts = [r for r in sl["results"] if r["fraction"] >= 0.1 - 1e-9]
+        worst = min(pts, key=lambda r: r["efficiency"], default=None)
+        if worst:
+            ok = worst["efficiency"] >= 0.9
+            rows.append(["efficiency >= 0.9 wherever M/N >= 0.1 (graph step, `step_latency`)",
+                         f"min {f2(worst['efficiency'])} ({worst['backend']}, N={worst['seq']}, M/N={f2(worst['fraction'])})",
+                         "met" if ok else "**not met**"])
+        half = sl["targets"].get("inductor_locked_half_vs_eager_dense") or []
+        if half:
+            best = min(h["speedup"] for h in half)
+            rows.append(["inductor locked >= 2x eager dense at FLOPs ratio ~0.5 (graph step, M/N = 0.5)",
+                         ", ".join(f"N={h['seq']}: {f2(h['speedup'])}x" for h in half),
+                         "met" if best >= 2 else "**not met**"])
+    if e2e:
+        res = e2e["results"]
+        for backend in ("eager", "inductor"):
+            vals = [(r[f"speedup_{backend}"], r) for r in res if f"speedup_{backend}" in r]
+            if vals:
+                worst, r = min(vals, key=lambda v: v[0])
+                rows.append([f"never slower than dense, any B and G (end-to-end, {backend})",
+                             f"min tokens/s ratio {f2(worst)} (B={r['batch']}, G={r['gen_length']})",
+                             "met" if worst >= 1 else "**not met**"])
+        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in ("eager", "inductor") if f"efficiency_{b}" in r]
+        if effs:
+            worst, b, r = min(effs, key=lambda v: v[0])
+            rows.append(["end-to-end efficiency (speedup / ideal) >= 0.9 (M/N >= 0.1 throughout these decodes)",
+                         f"min {f2(worst)} ({b}, B={r['batch']}, G={r['gen_length']})",
+                         "met" if worst >= 0.9 else "**not met**"])
+        near = [r for r in res if "speedup_inductor_locked_vs_eager_dense" in r and 0.4 <= r["flops_ratio"] <= 0.6]
+        if near:
+            lo = min(r["speedup_inductor_locked_vs_eager_dense"] for r in near)
+            hi = max(r["speedup_inductor_locked_vs_eager_dense"] for r in near)
+            rows.append(["inductor locked >= 2x eager dense at FLOPs ratio ~0.5 (end-to-end, FLOPs ratio 0.4-0.6)",
+                         f"{f2(lo)}x .. {f2(hi)}x over {len(near)} configurations", "met" if lo >= 2 else "**not met**"])
+        graphs = [r["compilations_timed"]["graphs"] for r in res]
+        rows.append(["static shapes: no compilation inside timed decodes (after per-shape warm-up)",
+                     f"{sum(graphs)} graphs compiled during timed decodes; graph widths used per decode: "
+                     f"{min(len(r['graph_widths']) for r in res)}–{max(len(r['graph_widths']) for r in res)} buckets",
+                     "met" if sum(graphs) == 0 else "**not met**"])
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------
+
+def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
+    s, m = d["settings"], d["model"]
+    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, "
+           f"MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters, {m['dtype']}); "
+           f"batch {s['batch']}; {s['reps']} interleaved repetitions, median. Dense baseline: {s['dense_baseline']}. "
+           f"Locked: {s['locked_graph']}."]
+    rows = [[r["backend"], r["seq"], r["active_rows"], f2(r["fraction"]), f1(r["t_dense_s"] * 1e3),
+             f1(r["t_locked_s"] * 1e3), f2(r["speedup"]), f2(r["ideal_speedup"]), f2(r["efficiency"])]
+            for r in d["results"]]
+    out.append(table(["backend", "N", "M", "M/N", "dense ms", "locked ms", "speedup", "ideal", "efficiency"], rows))
+    cross = ", ".join(f"{c['backend']} N={c['seq']}: " + ("none (locked faster up to M = N)" if c["fraction"] is None
+                                                          else f"M/N = {f2(c['fraction'])}") for c in d["crossover"])
+    out.append(f"Measured crossover (locked graph as slow as the dense model): {cross}. "
+               f"Compilations during the sweep: " + ", ".join(f"{k}: {v['graphs']}" for k, v in d["compilations"].items())
+               + ".")
+    out += [f"![step latency]({rel(p, output)})" for p in figures]
+    return "\n\n".join(out)
+
+
+def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
+    s, m, sch = d["settings"], d["model"], d["schedule"]
+    rec = sch["recorded"]
+    lags = [v for v in sch["gen_lags"] if v is not None]
+    never = sum(v is None for v in sch["gen_lags"])
+    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, "
+           f"MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters). Prompt "
+           f"{s['prompt']} random tokens; sampler: {s['sampler']}; `optimize(bucket={s['bucket']})`; eps {s['eps']}.",
+           f"Lock schedule recorded from: {sch['source']} (batch {rec['batch']}, N = {rec['seq']}, "
+           f"FLOPs ratio of the recorded decodes {f3(rec['flops_ratio'])}); generated tokens lock "
+           f"{min(lags) if lags else '–'}–{max(lags) if lags else '–'} steps after they are unmasked "
+           f"(median {sorted(lags)[len(lags) // 2] if lags else '–'}; {never} of {len(sch['gen_lags'])} never lock), "
+           "prompt tokens at the recorded prompt lock steps. The replay decides which rows are locked; all runtime work "
+           "is real.",
+           f"`exact` = whole `generate()` decodes; `sampled` = {s['samples']} timed decode steps per variant, "
+           "interpolated over all G steps (whole decodes of the larger configurations would take hours on this CPU)."]
+    rows = []
+    for r in d["results"]:
+        t = r["tokens_per_s"]
+        ideal = r["ideal_speedup"]
+        rows.append([r["batch"], r["gen_length"], r["mode"], f3(r["flops_ratio"]), f2(ideal.get("inductor")),
+                     f2(t.get("dense/eager")), f2(t.get("dense/inductor")), f2(t.get("locked/eager")),
+                     f2(t.get("locked/inductor")), f2(r.get("speedup_eager")), f2(r.get("speedup_inductor")),
+                     f2(r.get("efficiency_eager")), f2(r.get("efficiency_inductor")),
+                     f2(r.get("speedup_inductor_locked_vs_eager_dense"))])
+    out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s dense eager", "tok/s dense inductor",
+                      "tok/s locked eager", "tok/s locked inductor", "speedup eager", "speedup inductor",
+                      "eff. eager", "eff. inductor", "locked inductor / dense eager"], rows))
+    errs = [(r, k, v) for r in d["results"] for k, v in (r.get("estimator_error") or {}).items()]
+    if errs:
+        out.append("Step-sampling estimator against whole decodes (estimate / exact - 1): " + "; ".join(
+            f"B={r['batch']} G={r['gen_length']} {k}: {100 * v:+.0f}%" for r, k, v in errs) + ".")
+    comp = [(r["batch"], r["gen_length"], r["compilations_warmup"]["graphs"], r["compilations_timed"]["graphs"])
+            for r in d["results"]]
+    out.append("Compilations (graphs; warm-up / timed): " + ", ".join(f"B={b} G={g}: {w}/{t}" for b, g, w, t in comp) + ".")
+    out += [f"![decode]({rel(p, output)})" for p in figures]
+    return "\n\n".join(out)
+
+
+def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
+    s, oc = d["settings"], d["optimize_cost"]
+    out = [f"`optimize()` on the `{s['preset']}` model: capture (torch.export + cleanup) {f1(oc['capture_s'])} s, "
+           f"`lock_rows` {f3(oc['lock_rows_s'])} s. Compilation happens on the first call (inductor, "
+           f"dynamic shapes; inductor cache: {s.get('inductor_cache', '–')})."]
+    rows = []
+    for backend in s["backends"]:
+        e = oc[backend]
+        rows.append([backend, f1(e["optimize_s"]), f1(e["compile_on_first_call_s"]), f1(e["total_setup_s"]),
+                     e["compilations"]["graphs"], f1(e["dense_compile_s"]), f1(e["steady_call_s"] * 1e3),
+                     f1(e["dense_steady_call_s"] * 1e3)])
+    out.append(table(["backend", "optimize() s", "first-call compile s", "total setup s", "graphs",
+                      "dense torch.compile s", "locked pass ms (M = N)", "dense pass ms"], rows))
+    rows = []
+    for st in d["steps"]:
+        ph = st["phases_s"]
+        rows.append([st["backend"], st["batch"], st["step"], f2(st["fraction"]), st["graph_width"], st["kl_candidates"],
+                     f1(st["step_profiled_s"] * 1e3), pct(st["graph_share"]), pct(st["bookkeeping_share"]),
+                     f1(ph.get("index", 0) * 1e3), f1(ph.get("kl", 0) * 1e3), f1(ph.get("store_logits", 0) * 1e3),
+                     pct(st["sampler_share"]), f1(st["bookkeeping_s"] * 1e3), f1(st["legacy_bookkeeping_s"] * 1e3)])
+    out.append(f"Per decode step (G = {s['gen']}, P = {s['prompt']}, replayed schedule; profiled, best of {s['reps']}): "
+               "bookkeeping = runner time outside the graph (index, KL, logits store, lock-mask updates, stats); "
+               "sampler = the sampler's own work on the returned logits (same for dense decoding). Last column: the "
+               "first runtime's KL/buffer bookkeeping on the same tensors.")
+    out.append(table(["backend", "B", "step", "M/N", "graph M", "KL rows", "step ms", "graph", "bookkeeping",
+                      "index ms", "KL ms", "store ms", "sampler", "bookkeeping ms", "first runtime ms"], rows))
+    out += [f"![overhead]({rel(p, output)})" for p in figures]
+    return "\n\n".join(out)
+
+
+def paper_section(data: dict) -> str:
+    e2e = data.get("decode_e2e")
+    rows = [["FLOPs ratio (locked / dense)", f"{PAPER['flops_ratio'][0]}–{PAPER['flops_ratio'][1]}", "–", "–"],
+            ["tokens/s ratio, B >= 2", f"{PAPER['tps_ratio_b_ge_2'][0]}–{PAPER['tps_ratio_b_ge_2'][1]}x", "–", "–"],
+            ["tokens/s ratio, B = 1, N_gen = 64", f"{PAPER['tps_ratio_b1_g64']}x (slower)", "–", "–"]]
+    if e2e:
+        res = e2e["results"]
+        fr = [r["flops_ratio"] for r in res]
+        rows[0][2] = rows[0][3] = f"{f3(min(fr))}–{f3(max(fr))} (replayed schedule, all B, G)"
+        for col, backend in ((2, "eager"), (3, "inductor")):
+            b2 = [r[f"speedup_{backend}"] for r in res if r["batch"] >= 2 and f"speedup_{backend}" in r]
+            if b2:
+                rows[1][col] = f"{f2(min(b2))}–{f2(max(b2))}x"
+            b1 = [r for r in res if r["batch"] == 1 and f"speedup_{backend}" in r]
+            b1_64 = [r for r in b1 if r["gen_length"] == 64] or b1
+            if b1_64:
+                r = b1_64[0]
+                rows[2][col] = f"{f2(r[f'speedup_{backend}'])}x (G={r['gen_length']}, {r['mode']})"
+    return table(["", f"paper ({PAPER['note']})", "ours, eager", "ours, inductor"], rows)
+
+
+def notes(data: dict) -> str:
+    """Observations computed from the data (no hand-typed numbers)."""
+    items = []
+    sl, e2e, oh = data.get("step_latency"), data.get("decode_e2e"), data.get("overhead")
+    if sl:
+        low = [r for r in sl["results"] if r["fraction"] >= 0.1 - 1e-9 and r["efficiency"] < 0.9]
+        if low:
+            items.append("Graph-level efficiency falls below 0.9 at: " + ", ".join(
+                f"{r['backend']} N={r['seq']} M/N={f2(r['fraction'])} ({f2(r['efficiency'])})" for r in low)
+                + ". Costs that do not shrink with M: the weights are streamed once per pass whatever M is "
+                "(GEMMs with few rows run below peak), the K/V caches of all N rows are copied by the functional "
+                "scatter in every layer and attention still reads all N keys, and per-op launch overheads.")
+        else:
+            items.append("Graph-level efficiency is at least 0.9 at every measured M/N >= 0.1.")
+        over = [r for r in sl["results"] if r["efficiency"] > 1.05]
+        if over:
+            items.append(f"{len(over)} points show efficiency above 1: fewer rows also means a smaller working set "
+                         "(better cache reuse), and the dense model's attention is over N queries where the locked "
+                         "graph's is over M; timing noise on a shared machine is the rest.")
+    if e2e:
+        res = e2e["results"]
+        slow = [(b, r) for r in res for b in ("eager", "inductor") if r.get(f"speedup_{b}", 2) < 1]
+        if slow:
+            items.append("Locked decoding is slower than dense at: " + ", ".join(
+                f"{b} B={r['batch']} G={r['gen_length']} ({f2(r[f'speedup_{b}'])}x)" for b, r in slow) + ".")
+        else:
+            items.append("Locked decoding is faster than dense decoding at every measured B and G, with both backends "
+                         "(unlike the paper's 0.73x at B = 1, N_gen = 64): on a CPU even a handful of rows keeps the "
+                         "matrix units busy, so fewer rows is less time, and the runtime's bookkeeping is small next "
+                         "to the graph.")
+    if oh:
+        steps = oh["steps"]
+        book = [st["bookkeeping_share"] for st in steps]
+        samp = [st["sampler_share"] for st in steps]
+        items.append(f"Runner bookkeeping takes {pct(min(book))}–{pct(max(book))} of a decode step and the sampler's "
+                     f"own work on the full [B, N, V] logits {pct(min(samp))}–{pct(max(samp))} (the sampler runs "
+                     "unchanged for dense decoding too, so it caps the end-to-end speedup). The first runtime's "
+                     "bookkeeping on the same tensors took "
+                     f"{f1(min(st['legacy_bookkeeping_s'] for st in steps) * 1e3)}–"
+                     f"{f1(max(st['legacy_bookkeeping_s'] for st in steps) * 1e3)} ms per step against "
+                     f"{f1(min(st['bookkeeping_s'] for st in steps) * 1e3)}–{f1(max(st['bookkeeping_s'] for st in steps) * 1e3)} ms now.")
+    return "\n".join(f"- {i}" for i in items)
+
+
+def render(data: dict, figures: dict, output: Path) -> str:
+    parts = ["# Benchmarks",
+             "*Generated by `python benchmarks/make_report.py` from `results/*.json`; do not edit by hand.* "
+             "Every speed is a ratio of timings taken within one run (interleaved where possible); absolute times "
+             "depend on the machine and on its load.",
+             "## Commands", COMMANDS,
+             "## Machine and settings", machine_section(data)]
+    rows = target_rows(data)
+    if rows:
+        parts += ["## Targets", table(["target", "measured", "status"], rows)]
+    if "step_latency" in data:
+        parts += ["## Per-step latency against the active fraction",
+                  step_latency_section(data["step_latency"], figures.get("step_latency", []), output)]
+    if "decode_e2e" in data:
+        parts += ["## End-to-end decoding", e2e_section(data["decode_e2e"], figures.get("decode_e2e", []), output)]
+    if "overhead" in data:
+        parts += ["## Overheads: optimize() and per-step bookkeeping",
+                  overhead_section(data["overhead"], figures.get("overhead", []), output)]
+    parts += ["## Comparison with the paper", paper_section(data),
+              "The paper measured LLaDA-8B on a GPU, where a step with few active rows under-fills the device; "
+              "these numbers are a CPU with random-weight models and a replayed lock schedule, so only the ratios "
+              "are comparable, not the absolute speeds.",
+              "## Observations", notes(data)]
+    return "\n\n".join(parts) + "\n"
+
+
+def headline(data: dict) -> str:
+    lines = ["See [BENCHMARKS.md](BENCHMARKS.md) for the tables, plots, settings and the comparison with the paper."]
+    e2e = data.get("decode_e2e")
+    if e2e:
+        res = e2e["results"]
+        for backend in ("inductor", "eager"):
+            vals = [r[f"speedup_{backend}"] for r in res if f"speedup_{backend}" in r]
+            if vals:
+                lines.append(f"Latest run ({'quick' if e2e.get('quick') else 'full'}, {e2e['machine']['cpu_model']}): "
+                             f"locked vs dense tokens/s with {backend}: {f2(min(vals))}x to {f2(max(vals))}x over "
+                             f"B in {sorted({r['batch'] for r in res})} and G in {sorted({r['gen_length'] for r in res})} "
+                             f"(FLOPs ratio {f2(min(r['flops_ratio'] for r in res))}–{f2(max(r['flops_ratio'] for r in res))}).")
+                break
+    return "\n".join(lines)
+
+
+def update_readme(text: str, path: Path = ROOT / "README.md") -> bool:
+    if not path.exists():
+        return False
+    readme = path.read_text()
+    if README_BEGIN not in readme or README_END not in readme:
+        return False
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    path.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{tail}")
+    return True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    data = load(args.results)
+    if not data:
+        raise SystemExit(f"no benchmark JSON in {args.results}; run the benchmarks first")
+    figures = {}
+    modules = {"step_latency": "step_latency", "decode_e2e": "decode_e2e", "overhead": "overhead"}
+    for name, module in modules.items():
+        if name in data:
+            figures[name] = __import__(module).plot(data[name], args.figures)
+    args.output.write_text(render(data, figures, args.output))
+    if args.readme:
+        update_readme(headline(data))
+    print(f"wrote {args.output} and {sum(len(v) for v in figures.values())} figures in {args.figures}")
+
+
+if __name__ == "__main__":
+    main()

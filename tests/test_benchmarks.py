@@ -1,0 +1,258 @@
+"""The benchmark code paths on a tiny model: structure of the JSON, how speedup / ideal / efficiency
+are computed, the replayed lock schedule, the runtime's full-width crossover, and the report.
+No timing thresholds: the numbers of a tiny model on a busy machine mean nothing."""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import surelock_fx
+from surelock_fx.lock import active_index
+from surelock_fx.passes import cache_specs
+from surelock_fx.reference import reference_generate
+from surelock_fx.runtime import FULL_FROM, LockedRunner
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import decode_e2e  # noqa: E402
+import make_report  # noqa: E402
+import overhead  # noqa: E402
+import step_latency  # noqa: E402
+
+COMMON = ["--quick", "--preset", "tiny", "--no-progress", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return common.random_model("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def captured(tiny):
+    """One capture shared by every optimize() of the module (torch.export dominates the run time)."""
+    from surelock_fx.capture import capture
+
+    return capture(tiny)
+
+
+@pytest.fixture(autouse=True)
+def share_model(monkeypatch, tiny, captured):
+    """Every benchmark builds the same tiny model and captures it once."""
+    import surelock_fx.capture as capture_module
+
+    opt_module = sys.modules["surelock_fx.optimize"]
+    real = capture_module.capture
+
+    def cached_capture(model):
+        return captured if model is tiny else real(model)
+
+    monkeypatch.setattr(common, "random_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(opt_module, "capture", cached_capture)
+    monkeypatch.setattr(overhead, "capture", cached_capture)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench")
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_efficiency_is_speedup_over_ideal():
+    e = common.efficiency(t_dense=2.0, t_locked=0.5, flops_dense=100.0, flops_locked=20.0)
+    assert close(e["speedup"], 4.0) and close(e["ideal_speedup"], 5.0) and close(e["efficiency"], 0.8)
+
+
+def test_crossover_interpolates_where_locked_reaches_dense():
+    pts = [dict(fraction=f, t_locked_s=t, t_dense_s=1.0) for f, t in ((0.5, 0.6), (0.9, 0.9), (1.0, 1.1))]
+    assert close(step_latency.crossover(pts), 0.9 + 0.1 * 0.1 / 0.2)
+    assert step_latency.crossover([dict(fraction=1.0, t_locked_s=0.9, t_dense_s=1.0)]) is None
+
+
+def test_step_latency(out, tiny):
+    result = step_latency.main(["--out", str(out), "--seqs", "16", "--fractions", "0.25", "1.0",
+                                "--backends", "eager", "--reps", "1", *COMMON])
+    saved = common.read_json(out / "step_latency.json")
+    assert saved["benchmark"] == "step_latency"
+    for key in ("cpu_model", "cpu_cores", "torch_version", "torch_threads", "load_average_end"):
+        assert key in saved["machine"]
+    assert saved["settings"]["fractions"] == [0.25, 1.0] and saved["model"]["d_model"] == tiny.config.d_model
+    assert [r["active_rows"] for r in result["results"]] == [4, 16]
+    flops = surelock_fx.optimize(tiny).flops
+    for r in saved["results"]:
+        assert r["flops_dense"] == flops.step(r["batch"] * r["seq"], r["seq"])
+        assert r["flops_locked"] == flops.step(r["batch"] * r["active_rows"], r["seq"])
+        assert close(r["speedup"], r["t_dense_s"] / r["t_locked_s"])
+        assert close(r["ideal_speedup"], r["flops_dense"] / r["flops_locked"])
+        assert close(r["efficiency"], r["speedup"] / r["ideal_speedup"])
+        assert r["t_dense_s"] == sorted(r["dense_times_s"])[len(r["dense_times_s"]) // 2]
+    assert set(saved["compilations"]["eager/N=16"]) >= {"graphs", "recompiles"}
+    assert (out / "step_latency_N16.png").stat().st_size > 0
+
+
+def test_replay_plan_locks_only_unmasked_rows_and_never_unlocks():
+    schedule = decode_e2e.Schedule("test", 5e-3, gen_lags=[1, 2, None], prompt_lock_steps=[1, 3, None], recorded={})
+    B, P, G = 2, 3, 6
+    prompt = torch.zeros(B, P + G, dtype=torch.bool)
+    prompt[:, :P] = True
+    plan = decode_e2e.Plan.make(schedule, prompt, seed=0)
+    order = torch.stack([P + torch.randperm(G, generator=torch.Generator().manual_seed(b)) for b in range(B)])
+    previous = torch.zeros_like(prompt)
+    for t in range(G):
+        unmasked, first = decode_e2e.state_at(plan, order, t)
+        assert int((unmasked & ~prompt).sum()) == B * t  # one token per row per step
+        locked = plan.locked(first, t)
+        assert not (locked & ~unmasked).any()  # a masked row never locks
+        assert not (previous & ~locked).any()  # locking is permanent
+        assert not locked[:, :P][plan.prompt_step[:, :P] > t].any()
+        previous = locked
+    assert not plan.locked(decode_e2e.state_at(plan, order, 0)[1], 0).any()
+    counts, widths = decode_e2e.replay_counts(plan, order, G, bucket=4)
+    assert counts[0] == B * (P + G) and counts == sorted(counts, reverse=True)
+    assert all(w % 4 == 0 or w == P + G for w in widths)
+
+
+def test_sample_points_and_interpolation():
+    assert decode_e2e.sample_points(64, 4) == [0, 21, 42, 63]
+    pts, times = [0, 2, 4], [1.0, 3.0, 3.0]
+    assert close(decode_e2e.interpolated_total(pts, times, 5), 1 + 2 + 3 + 3 + 3)
+
+
+def test_decode_e2e(out):
+    result = decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
+                              "--samples", "3", "--exact", "1x8", "--variants", "dense/eager", "locked/eager", *COMMON])
+    saved = common.read_json(out / "decode_e2e.json")
+    assert saved["benchmark"] == "decode_e2e" and "random-weight" in saved["schedule"]["source"]
+    assert {"gen_lags", "prompt_lock_steps", "recorded"} <= set(saved["schedule"])
+    rows = {(r["batch"], r["gen_length"]): r for r in saved["results"]}
+    assert set(rows) == {(1, 8), (2, 8)}
+    assert rows[(1, 8)]["mode"] == "exact" and rows[(2, 8)]["mode"] == "sampled"
+    for (B, G), r in rows.items():
+        assert 0 < r["flops_ratio"] <= 1 and close(r["flops_ratio"], r["flops_locked"] / r["flops_dense"])
+        assert len(r["active_fraction_curve"]) == G and r["active_fraction_curve"][0] == 1.0
+        assert close(r["speedup_eager"], r["time_s"]["dense/eager"] / r["time_s"]["locked/eager"])
+        assert close(r["efficiency_eager"], r["speedup_eager"] / r["ideal_speedup"]["eager"])
+        for name, t in r["time_s"].items():
+            assert close(r["tokens_per_s"][name], B * G / t)
+        assert set(r["sampled"]["step_times_s"]) == {"dense/eager", "locked/eager"}
+        assert r["sampled"]["points"][0] == 0 and r["sampled"]["points"][-1] == G - 1
+        assert {"graphs", "recompiles"} <= set(r["compilations_timed"])
+    exact = rows[(1, 8)]
+    for name in ("dense/eager", "locked/eager"):
+        assert close(exact["time_s"][name], exact["exact"][name]["time_s"])
+        assert close(exact["estimator_error"][name], exact["sampled"]["time_s"][name] / exact["time_s"][name] - 1)
+    run = exact["exact"]["locked/eager"]
+    assert close(exact["ideal_speedup"]["eager"], run["flops_dense"] / run["flops_locked"])
+    assert "never_slower_than_dense_eager" in saved["targets"]
+    assert (out / "decode_e2e_speedup.png").exists() and (out / "decode_e2e_schedule.png").exists()
+
+
+def test_replay_runner_applies_the_plan(tiny):
+    """In a whole decode, the runner computes exactly the rows the plan leaves unlocked."""
+    opt = surelock_fx.optimize(tiny)
+    schedule = decode_e2e.Schedule("test", 5e-3, gen_lags=[1, 2, 3], prompt_lock_steps=[1, 2], recorded={})
+    prompt = torch.randint(0, 90, (2, 4), generator=torch.Generator().manual_seed(0))
+    mask_id = tiny.config.mask_token_id
+    plan_prompt = torch.zeros(2, 12, dtype=torch.bool)
+    plan_prompt[:, :4] = True
+    plan = decode_e2e.Plan.make(schedule, plan_prompt, seed=1)
+    runners = []
+
+    def wrap(runner):
+        runners.append(decode_e2e.ReplayRunner(runner, plan, mask_id))
+        return runners[-1]
+
+    out = surelock_fx.generate(decode_e2e._Wrapped(opt, wrap), prompt, gen_length=8, steps=8, block_length=8,
+                               lock=surelock_fx.LockConfig())
+    unmask = out.stats.unmask_step  # step that committed each position (-1 prompt)
+    for t, active in enumerate(out.stats.active_counts):
+        first = torch.where(plan_prompt, 0, torch.where(unmask < t, unmask + 1, decode_e2e.NEVER))
+        assert active == int((~plan.locked(first, t)).sum())
+
+
+@pytest.mark.parametrize("full_from", [0.0, 0.5, 1.0])
+def test_crossover_to_full_width_is_exact(tiny, full_from):
+    """Whatever the crossover, a decode computes the same tokens and locks the same rows as the
+    reference semantics; the graph width is N exactly when the bucketed M reaches full_from * N."""
+    opt = surelock_fx.optimize(tiny, bucket=4)
+    lock = surelock_fx.LockConfig(kl_threshold=5e-2)
+    widths = []
+
+    class Model:
+        config = tiny.config
+
+        @staticmethod
+        def decode_runner(lock_config, stats):
+            runner = LockedRunner(opt.compiled, cache_specs(opt.graph_module), tiny.config, opt.flops, lock_config,
+                                  stats, opt.bucket, full_from=full_from)
+            graph = runner.graph
+
+            def recording(x, positions, index, *rest):
+                widths.append((index.shape[1], x.shape[1], int((index < x.shape[1]).sum(1).max())))
+                return graph(x, positions, index, *rest)
+
+            runner.graph = recording
+            return runner
+
+    prompt = torch.randint(0, 90, (2, 5), generator=torch.Generator().manual_seed(3))
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=lock)
+    fast = surelock_fx.generate(Model(), prompt, **kw)
+    ref = reference_generate(tiny, prompt, **kw)
+    assert torch.equal(fast.tokens, ref.tokens)
+    assert fast.stats.active_counts == ref.stats.active_counts
+    assert fast.stats.locked_counts[-1] > 0
+    for M, N, active in widths:
+        bucketed = min(N, -(-active // 4) * 4)
+        assert M == (N if bucketed >= full_from * N else bucketed)
+
+
+def test_active_index_crossover():
+    locked = torch.zeros(1, 20, dtype=torch.bool)
+    locked[0, :3] = True  # 17 active
+    assert active_index(locked, bucket=4)[0].shape[1] == 20  # bucketed 20 = N
+    locked[0, :5] = True  # 15 active -> bucket 16
+    assert active_index(locked, bucket=4, full_from=1.0)[0].shape[1] == 16
+    assert active_index(locked, bucket=4, full_from=0.8)[0].shape[1] == 20
+    index, _ = active_index(locked, bucket=4, full_from=0.8)
+    assert (index[0, 15:] == 20).all()  # padding rows aim at the scratch slot
+    assert 0 < FULL_FROM <= 1
+
+
+def test_overhead(out):
+    result = overhead.main(["--out", str(out), "--batches", "1", "--gen", "8", "--prompt", "4", "--bucket", "4",
+                            "--points", "2", "--reps", "1", "--backends", "eager", "--warm-cache", *COMMON])
+    saved = common.read_json(out / "overhead.json")
+    cost = saved["optimize_cost"]
+    assert {"capture_s", "lock_rows_s", "eager"} <= set(cost)
+    assert {"optimize_s", "compile_on_first_call_s", "total_setup_s", "compilations"} <= set(cost["eager"])
+    assert len(saved["steps"]) == 2 == len(result["steps"])
+    for st in saved["steps"]:
+        assert {"index", "graph", "lock_update", "runner", "sampler"} <= set(st["phases_s"])
+        shares = st["graph_share"] + st["bookkeeping_share"] + st["sampler_share"]
+        assert close(shares, 1.0)
+        assert close(st["bookkeeping_s"], st["phases_s"]["runner"] - st["phases_s"]["graph"])
+    assert (out / "overhead_step_shares.png").exists()
+
+
+def test_make_report(out):
+    for name in ("step_latency", "decode_e2e", "overhead"):
+        if not (out / f"{name}.json").exists():
+            pytest.skip("needs the JSON of the other tests")
+    report = out / "REPORT.md"
+    make_report.main(["--results", str(out), "--output", str(report), "--figures", str(out / "figures"), "--no-readme"])
+    text = report.read_text()
+    for heading in ("## Machine and settings", "## Targets", "## Per-step latency", "## End-to-end decoding",
+                    "## Overheads", "## Comparison with the paper"):
+        assert heading in text
+    assert "0.73x" in text and "1.17–1.39x" in text
+    for line in text.splitlines():
+        if line.startswith("!["):
+            assert (report.parent / line.split("(", 1)[1].rstrip(")")).exists()
