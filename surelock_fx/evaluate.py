@@ -154,7 +154,7 @@ def run_eval(args) -> int:
     from .models import load_model
     from .optimize import optimize
 
-    path = args.model or tasks.default_model_dir()
+    path = args.model or default_checkpoint()
     tokenizer = load_tokenizer(Path(path))
     model = load_model(path, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     decode = dict(tasks.DEFAULT_DECODE)
@@ -174,6 +174,29 @@ def run_eval(args) -> int:
         args.json.write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def default_checkpoint() -> Path:
+    """The shipped trained model; without one, a seeded random model built once in a cache dir."""
+    import tempfile
+
+    from . import tasks
+    from .models import LLaDAConfig, LLaDAModel, save_model
+
+    shipped = tasks.default_model_dir()
+    if (shipped / "config.json").is_file():
+        return shipped
+    path = Path(tempfile.gettempdir()) / "surelock_fx-untrained-demo"
+    print(f"note: no trained model ships in {shipped}; using an untrained random model at {path} "
+          "(accuracies are meaningless, FLOPs and timing are real)")
+    if not (path / "config.json").is_file():
+        tokenizer = tasks.build_tokenizer()
+        config = LLaDAConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=len(tokenizer),
+                             rope_theta=10000.0, max_sequence_length=512, **tasks.special_token_ids(tokenizer))
+        torch.manual_seed(0)
+        save_model(LLaDAModel(config), path)
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def add_demo_arguments(parser) -> None:
