@@ -52,8 +52,10 @@ class FlopModel:
 # active count M reaches this fraction of N runs with M = N. Computing N instead of M rows is
 # exact (the extra rows are padding aimed at the scratch slot) and costs at most
 # (1 - FULL_FROM) / FULL_FROM more FLOPs, while every nearly dense step shares one graph shape.
-# benchmarks/step_latency.py measures where the locked graph stops paying off.
-FULL_FROM = 0.95
+# Measured crossover (benchmarks/step_latency.py, CPU, eager and inductor, N = 256 and 1024): the
+# locked graph is as slow as the dense model at M/N = 0.98-1.0, so nearly dense steps gain nothing
+# from skipping the last rows.
+FULL_FROM = 0.98
 
 
 LockedGraph = Callable[..., tuple]
