@@ -190,13 +190,61 @@ def cfg_dtype(model) -> torch.dtype:
 
 
 def compiled_dense(model, backend: str, dynamic: bool = False):
-    """The dense baseline of a backend: the plain model (eager) or ``torch.compile`` of it (inductor;
-    static shapes by default, one compilation per shape, the strongest baseline)."""
+    """The dense baseline of a backend: the plain model (eager), ``torch.compile`` of it (inductor;
+    static shapes by default, one compilation per shape, the strongest baseline), or its ONNX export
+    in an ONNX Runtime session (onnxruntime)."""
     if backend == "eager":
         return model
     if backend == "inductor":
         return torch.compile(model, dynamic=dynamic)
+    if backend == "onnxruntime":
+        return OrtDense(model)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def ort_session_options():
+    """ONNX Runtime session options with as many intra-op threads as torch uses (fair comparisons)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return options
+
+
+class OrtDense:
+    """The plain model exported to ONNX (dynamic batch and sequence) in an ONNX Runtime CPU session:
+    ``dense(input_ids) -> logits``, zero-copy like the locked graph's ONNX Runtime backend."""
+
+    def __init__(self, model):
+        import tempfile
+
+        import onnxruntime as ort
+
+        from surelock_fx.capture import LogitsModule
+        from surelock_fx.export import run_bound
+
+        self._run = run_bound
+        self._tmp = tempfile.TemporaryDirectory(prefix="surelock_dense_onnx_")
+        path = Path(self._tmp.name) / "dense.onnx"
+        ids = torch.zeros(2, 8, dtype=torch.long)
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
+        with torch.no_grad():
+            program = torch.export.export(LogitsModule(model.eval()), (ids, torch.arange(8).expand(2, 8)),
+                                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+        onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=["input_ids", "position_ids"],
+                                         output_names=["logits"], verbose=False)
+        onnx_program.save(str(path), external_data=True)
+        self.session = ort.InferenceSession(str(path), sess_options=ort_session_options(),
+                                            providers=["CPUExecutionProvider"])
+        self.vocab = model.config.vocab_size
+
+    def __call__(self, input_ids):
+        B, N = input_ids.shape
+        positions = torch.arange(N).expand(B, N).contiguous()
+        logits = torch.empty(B, N, self.vocab)
+        self._run(self.session, {"input_ids": input_ids.contiguous(), "position_ids": positions}, {"logits": logits})
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------

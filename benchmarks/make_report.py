@@ -90,19 +90,22 @@ def target_rows(data: dict) -> list[list]:
     rows = []
     sl, e2e = data.get("step_latency"), data.get("decode_e2e")
     if sl:
-        pts = [r for r in sl["results"] if r["fraction"] >= 0.1 - 1e-9]
-        worst = min(pts, key=lambda r: r["efficiency"], default=None)
-        if worst:
-            ok = worst["efficiency"] >= 0.9
-            rows.append(["efficiency >= 0.9 wherever M/N >= 0.1 (graph step, `step_latency`)",
-                         f"min {f2(worst['efficiency'])} ({worst['backend']}, N={worst['seq']}, M/N={f2(worst['fraction'])})",
-                         "met" if ok else "**not met**"])
+        for backend in sorted({r["backend"] for r in sl["results"]}):
+            pts = [r for r in sl["results"] if r["backend"] == backend and r["fraction"] >= 0.1 - 1e-9]
+            worst = min(pts, key=lambda r: r["efficiency"], default=None)
+            if worst:
+                bad = [r for r in pts if r["efficiency"] < 0.9]
+                where = "" if not bad else "; below 0.9 at " + ", ".join(
+                    f"N={r['seq']} M/N={f2(r['fraction'])}" for r in bad)
+                rows.append([f"efficiency >= 0.9 wherever M/N >= 0.1 (graph step, {backend})",
+                             f"min {f2(worst['efficiency'])} (N={worst['seq']}, M/N={f2(worst['fraction'])}){where}",
+                             "met" if not bad else "**not met**"])
         half = sl["targets"].get("inductor_locked_half_vs_eager_dense") or []
-        if half:
-            best = min(h["speedup"] for h in half)
-            rows.append(["inductor locked >= 2x eager dense at FLOPs ratio ~0.5 (graph step, M/N = 0.5)",
-                         ", ".join(f"N={h['seq']}: {f2(h['speedup'])}x" for h in half),
-                         "met" if best >= 2 else "**not met**"])
+        for backend in sorted({h.get("backend", "inductor") for h in half}):
+            hs = [h for h in half if h.get("backend", "inductor") == backend]
+            rows.append([f"{backend} locked >= 2x eager dense at FLOPs ratio ~0.5 (graph step, M/N = 0.5)",
+                         ", ".join(f"N={h['seq']}: {f2(h['speedup'])}x" for h in hs),
+                         "met" if min(h["speedup"] for h in hs) >= 2 else "**not met**"])
     if e2e:
         res = e2e["results"]
         for backend in ("eager", "inductor"):
@@ -136,11 +139,36 @@ def target_rows(data: dict) -> list[list]:
 # sections
 # ----------------------------------------------------------------------------------------------
 
+def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares t = a + b * M over (M, t) points: (a, b)."""
+    n = len(points)
+    mx = sum(m for m, _ in points) / n
+    my = sum(t for _, t in points) / n
+    var = sum((m - mx) ** 2 for m, _ in points)
+    b = sum((m - mx) * (t - my) for m, t in points) / var if var else 0.0
+    return my - b * mx, b
+
+
+def fixed_costs(d: dict) -> list[dict]:
+    """Per (backend, N): the fitted fixed cost of a locked pass (time at M = 0) and the cost per row."""
+    out = []
+    for backend in sorted({r["backend"] for r in d["results"]}):
+        for N in sorted({r["seq"] for r in d["results"]}):
+            pts = [r for r in d["results"] if r["backend"] == backend and r["seq"] == N]
+            if len(pts) < 2:
+                continue
+            a, b = linear_fit([(r["active_rows"] * r["batch"], r["t_locked_s"]) for r in pts])
+            out.append(dict(backend=backend, seq=N, fixed_s=a, per_row_s=b, fixed_share=a / pts[0]["t_dense_s"],
+                            rows_for_0_9=9 * a / b if b > 0 else None))
+    return out
+
+
 def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
     s, m = d["settings"], d["model"]
     out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, "
            f"MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters, {m['dtype']}); "
-           f"batch {s['batch']}; {s['reps']} interleaved repetitions, median. Dense baseline: {s['dense_baseline']}. "
+           f"batch {s['batch']}; {s['reps']} interleaved repetitions, {s.get('statistic', 'median')}. "
+           f"Dense baseline: {s['dense_baseline']}. "
            f"Locked: {s['locked_graph']}."]
     rows = [[r["backend"], r["seq"], r["active_rows"], f2(r["fraction"]), f1(r["t_dense_s"] * 1e3),
              f1(r["t_locked_s"] * 1e3), f2(r["speedup"]), f2(r["ideal_speedup"]), f2(r["efficiency"])]
@@ -151,6 +179,20 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
     out.append(f"Measured crossover (locked graph as slow as the dense model): {cross}. "
                f"Compilations during the sweep: " + ", ".join(f"{k}: {v['graphs']}" for k, v in d["compilations"].items())
                + ".")
+    fits = fixed_costs(d)
+    if fits:
+        out.append("Where the efficiency goes at small M: a least-squares line t_locked = a + b * M through each "
+                   "curve. The intercept a stands for what a pass costs beyond its FLOPs at small M (weights "
+                   "streamed whatever M is, small-M GEMMs below peak); with it, efficiency at M rows is "
+                   "about b * M / (a + b * M), i.e. >= 0.9 needs M >= 9 a / b rows (B * M with a batch).")
+        out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)", "rows for efficiency 0.9"],
+                         [[f["backend"], f["seq"], f1(f["fixed_s"] * 1e3), pct(f["fixed_share"]), f2(f["per_row_s"] * 1e3),
+                           "–" if f["rows_for_0_9"] is None else f"{f['rows_for_0_9']:.0f}"] for f in fits]))
+    probe = d.get("gemm_probe")
+    if probe:
+        out.append(f"GEMM throughput against its row count on this machine (one linear of the LM head's shape, "
+                   f"{m['d_model']} -> {m['vocab_size']}, fp32, same run): "
+                   + ", ".join(f"{g['rows']} rows {f1(g['gflops'])} GFLOPS" for g in probe) + ".")
     out += [f"![step latency]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 
@@ -213,13 +255,15 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
         rows.append([st["backend"], st["batch"], st["step"], f2(st["fraction"]), st["graph_width"], st["kl_candidates"],
                      f1(st["step_profiled_s"] * 1e3), pct(st["graph_share"]), pct(st["bookkeeping_share"]),
                      f1(ph.get("index", 0) * 1e3), f1(ph.get("kl", 0) * 1e3), f1(ph.get("store_logits", 0) * 1e3),
+                     f1(ph["cache_scatter"] * 1e3) if st["backend"] == "eager" and "cache_scatter" in ph else "fused",
                      pct(st["sampler_share"]), f1(st["bookkeeping_s"] * 1e3), f1(st["legacy_bookkeeping_s"] * 1e3)])
     out.append(f"Per decode step (G = {s['gen']}, P = {s['prompt']}, replayed schedule; profiled, best of {s['reps']}): "
                "bookkeeping = runner time outside the graph (index, KL, logits store, lock-mask updates, stats); "
                "sampler = the sampler's own work on the returned logits (same for dense decoding). Last column: the "
                "first runtime's KL/buffer bookkeeping on the same tensors.")
     out.append(table(["backend", "B", "step", "M/N", "graph M", "KL rows", "step ms", "graph", "bookkeeping",
-                      "index ms", "KL ms", "store ms", "sampler", "bookkeeping ms", "first runtime ms"], rows))
+                      "index ms", "KL ms", "store ms", "K/V cache scatter ms (in graph)", "sampler", "bookkeeping ms",
+                      "first runtime ms"], rows))
     out += [f"![overhead]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 
@@ -252,11 +296,16 @@ def notes(data: dict) -> str:
     if sl:
         low = [r for r in sl["results"] if r["fraction"] >= 0.1 - 1e-9 and r["efficiency"] < 0.9]
         if low:
+            fits = fixed_costs(sl)
             items.append("Graph-level efficiency falls below 0.9 at: " + ", ".join(
                 f"{r['backend']} N={r['seq']} M/N={f2(r['fraction'])} ({f2(r['efficiency'])})" for r in low)
-                + ". Costs that do not shrink with M: the weights are streamed once per pass whatever M is "
-                "(GEMMs with few rows run below peak), the K/V caches of all N rows are copied by the functional "
-                "scatter in every layer and attention still reads all N keys, and per-op launch overheads.")
+                + ". The cause is a per-pass cost that does not shrink with M (fitted intercept "
+                + ", ".join(f"{f['backend']} N={f['seq']}: {f1(f['fixed_s'] * 1e3)} ms" for f in fits)
+                + "): GEMMs with few rows run far below the throughput of large ones (see the GEMM probe: every "
+                "pass streams all weights whatever M is, and the BLAS kernels need a hundred rows or more to reach "
+                "full speed), and the functional K/V-cache scatter copies the caches of all N rows in every layer. "
+                "It is about the same cost at every N, so it weighs less as N or B grows (rows needed for 0.9 in "
+                "the table).")
         else:
             items.append("Graph-level efficiency is at least 0.9 at every measured M/N >= 0.1.")
         over = [r for r in sl["results"] if r["efficiency"] > 1.05]
@@ -271,10 +320,29 @@ def notes(data: dict) -> str:
             items.append("Locked decoding is slower than dense at: " + ", ".join(
                 f"{b} B={r['batch']} G={r['gen_length']} ({f2(r[f'speedup_{b}'])}x)" for b, r in slow) + ".")
         else:
-            items.append("Locked decoding is faster than dense decoding at every measured B and G, with both backends "
-                         "(unlike the paper's 0.73x at B = 1, N_gen = 64): on a CPU even a handful of rows keeps the "
-                         "matrix units busy, so fewer rows is less time, and the runtime's bookkeeping is small next "
-                         "to the graph.")
+            items.append("Locked decoding is faster than dense decoding at every measured B and G with both backends, "
+                         "B = 1 included (the paper measured 0.73x at B = 1, N_gen = 64). On this CPU a pass costs "
+                         "close to its rows (see the step-latency curves), so removing rows removes time even at "
+                         "B = 1; a GPU that few rows leave under-filled does not behave that way.")
+        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in ("eager", "inductor") if f"efficiency_{b}" in r]
+        if effs:
+            lo, hi = min(effs, key=lambda e: e[0]), max(effs, key=lambda e: e[0])
+            items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
+                         f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, G={hi[2]['gen_length']}). "
+                         "It is below the graph-level efficiency because a decode step also runs the sampler on the "
+                         "full [B, N, V] logits (not reduced by locking) and the runtime's bookkeeping, and because "
+                         "the active rows of a step (masked rows plus the few not yet locked) are few at the end of "
+                         "a decode, where small-M passes are least efficient.")
+    if sl and e2e:
+        dense = {(r["backend"], r["seq"]): r["t_dense_s"] for r in sl["results"]}
+        ratios = [(N, dense[("eager", N)] / dense[("inductor", N)]) for (b, N) in dense
+                  if b == "inductor" and ("eager", N) in dense]
+        near = [r for r in e2e["results"] if "speedup_inductor_locked_vs_eager_dense" in r and 0.4 <= r["flops_ratio"] <= 0.6]
+        if ratios and near and min(r["speedup_inductor_locked_vs_eager_dense"] for r in near) < 2:
+            items.append("The 2x target (inductor locked against eager dense at FLOPs ratio ~0.5) assumes inductor adds "
+                         "speed of its own; on this CPU a dense pass is GEMM-bound and inductor's dense pass is "
+                         + ", ".join(f"{f2(x)}x eager's (N={N})" for N, x in sorted(ratios))
+                         + ", so the whole 2x must come from the FLOPs ratio, which needs efficiency >= 1.")
     if oh:
         steps = oh["steps"]
         book = [st["bookkeeping_share"] for st in steps]

@@ -9,7 +9,8 @@
 2. **Per-step bookkeeping**: complete decode steps of the locked runner at several points of a
    replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
    its phases (``surelock::index``, ``surelock::graph``, ``surelock::lock_update`` with
-   ``surelock::kl`` and ``surelock::store_logits`` inside); the sampler's work is labelled here.
+   ``surelock::kl`` and ``surelock::store_logits`` inside); the sampler's work is labelled here;
+   the K/V cache updates inside the graph are the eager graph's ``aten::scatter`` ops.
    Reported per step: wall time, each phase's share, and the bookkeeping share
    (runner time - graph time) / step time. For comparison, the bookkeeping of the first runtime
    (log-softmax and KL over all M rows against a [B, N + 1, V] log-prob buffer gathered and
@@ -123,7 +124,11 @@ def profiled_step(runner, x, mask_id, eos, eot) -> tuple[float, dict]:
                                              confidence_eos_eot_inf=False, generator=None)
             torch.where(select_topk(confidence, torch.ones(x.shape[0], dtype=torch.long)), x0, x)
         wall = time.perf_counter() - start
-    labels = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key in LABELS}
+    events = prof.key_averages()
+    labels = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
+    # the K/V cache updates inside the graph: out-of-place aten::scatter in the eager graph (inductor fuses
+    # them into its generated kernels, where they cannot be told apart)
+    labels["cache_scatter"] = sum(e.self_cpu_time_total for e in events if e.key == "aten::scatter") / 1e6
     return wall, labels
 
 
@@ -169,7 +174,7 @@ def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[d
                 runner.state.has_prev[:] = t > 0
                 measures.append(profiled_step(runner, x, mask_id, eos, eot))
             wall = min(m[0] for m in measures[1:])
-            labels = {k: min(m[1].get(k, 0.0) for m in measures[1:]) for k in LABELS}
+            labels = {k: min(m[1].get(k, 0.0) for m in measures[1:]) for k in LABELS + ("cache_scatter",)}
             active = int((~locked).sum())
             index, _ = surelock_fx.lock.active_index(locked, args.bucket)
             M = index.shape[1]
@@ -180,7 +185,7 @@ def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[d
             step_s = runner_s + labels["bench::sampler"]
             rows.append(dict(backend=backend, batch=B, seq=N, step=t, active_rows=active, fraction=active / (B * N),
                              graph_width=M, kl_candidates=candidates, step_wall_s=wall, step_profiled_s=step_s,
-                             phases_s={k.split("::")[1]: v for k, v in labels.items()},
+                             phases_s={k.split("::")[-1]: v for k, v in labels.items()},
                              graph_share=graph_s / step_s, bookkeeping_share=(runner_s - graph_s) / step_s,
                              sampler_share=labels["bench::sampler"] / step_s,
                              legacy_bookkeeping_s=legacy, bookkeeping_s=runner_s - graph_s))
@@ -190,6 +195,7 @@ def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[d
 
 def run(args) -> dict:
     common.setup(args)
+    machine = common.machine_info()  # at the start: its load average is the start's
     if args.cold_cache:  # must precede the first compilation of this process
         import tempfile
 
@@ -207,7 +213,7 @@ def run(args) -> dict:
             bar.set_postfix_str(f"{backend} B={B}")
             steps += bookkeeping(model, built[backend], args, schedule, backend, B, bar)
     bar.close()
-    return dict(benchmark=NAME, machine=common.machine_info(), quick=args.quick,
+    return dict(benchmark=NAME, machine=machine, quick=args.quick,
                 settings=dict(preset=args.preset, batches=args.batches, gen=args.gen, prompt=args.prompt,
                               bucket=args.bucket, points=args.points, reps=args.reps, backends=args.backends,
                               eps=args.eps, threads=torch.get_num_threads(), schedule_source=schedule.source,

@@ -6,8 +6,10 @@ For each backend (eager: the plain model and the rewritten graph run as they are
 compiled with torch.compile) and each sequence length N, one forward pass of the dense model over
 all N rows is timed against one pass of the locked graph (``surelock_fx.optimize``) computing M
 active rows (a random subset, exact M, no bucket padding) while attending over all N cached keys.
-Timings are interleaved (dense, then every M, repeated) so that load on the machine hits both alike;
-the median of the repetitions is reported.
+Timings are interleaved (every backend, dense then every M, repeated) so that load on the machine
+hits all alike; the minimum over the repetitions is reported (load only ever adds time). Backend
+onnxruntime: the locked graph of ``optimize(model, backend="onnxruntime")`` against the plain model
+exported to ONNX, both in ONNX Runtime CPU sessions with as many threads as torch.
 
     speedup = t_dense / t_locked,  ideal = FLOPs_dense / FLOPs_locked (FlopModel: GEMMs, LM head),
     efficiency = speedup / ideal.
@@ -31,9 +33,9 @@ from surelock_fx.passes import cache_specs  # noqa: E402
 
 NAME = "step_latency"
 FULL = dict(preset="bench", seqs=[256, 1024], batch=1, reps=3,
-            fractions=[0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0], backends=["eager", "inductor"])
+            fractions=[0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0], backends=["eager", "inductor", "onnxruntime"])
 QUICK = dict(preset="small", seqs=[256], batch=1, reps=3, fractions=[0.1, 0.25, 0.5, 1.0],
-             backends=["eager", "inductor"])
+             backends=["eager", "inductor", "onnxruntime"])
 
 
 def parse_args(argv=None):
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int)
     ap.add_argument("--reps", type=int)
     ap.add_argument("--fractions", type=float, nargs="+", help="active fractions M/N")
-    ap.add_argument("--backends", nargs="+", choices=["eager", "inductor"])
+    ap.add_argument("--backends", nargs="+", choices=["eager", "inductor", "onnxruntime"])
     args = ap.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -79,76 +81,92 @@ def crossover(points: list[dict]) -> float | None:
     return None
 
 
+def build(model, backend: str):
+    """(optimized model, dense baseline) of a backend."""
+    options = {"session_options": common.ort_session_options()} if backend == "onnxruntime" else {}
+    return surelock_fx.optimize(model, backend=backend, **options), common.compiled_dense(model, backend)
+
+
 def run(args) -> dict:
     common.setup(args)
+    machine = common.machine_info()  # at the start: its load average is the start's
     model = common.random_model(args.preset, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    results, compilations, optimize_s = [], {}, {}
-    jobs = [(b, N) for b in args.backends for N in args.seqs]
-    bar = common.progress(total=len(jobs) * args.reps * (len(args.fractions) + 1), desc=NAME, disable=args.no_progress)
-    built = {}
-    for backend, N in jobs:
-        B = args.batch
-        if backend not in built:  # one optimized model and one dense baseline per backend, shared by all N
-            built[backend] = surelock_fx.optimize(model, backend=backend), common.compiled_dense(model, backend)
-        opt, dense = built[backend]
-        optimize_s[backend] = opt.compile_seconds
-        ids = torch.randint(0, model.config.vocab_size - 8, (B, N), generator=gen)
-        Ms = sorted({max(1, round(f * N)) for f in args.fractions})
-        inputs = {M: locked_inputs(opt, B, N, M, gen) for M in Ms}
+    B = args.batch
+    built = {backend: build(model, backend) for backend in args.backends}
+    optimize_s = {backend: opt.compile_seconds for backend, (opt, _) in built.items()}
+    ids = {N: torch.randint(0, model.config.vocab_size - 8, (B, N), generator=gen) for N in args.seqs}
+    Ms = {N: sorted({max(1, round(f * N)) for f in args.fractions}) for N in args.seqs}
+    inputs = {(backend, N, M): locked_inputs(built[backend][0], B, N, M, gen)
+              for backend in args.backends for N in args.seqs for M in Ms[N]}
 
-        def dense_call():
-            return dense(ids)
+    def dense_call(backend, N):
+        return built[backend][1](ids[N])
 
-        def locked_call(M):
-            i, p, idx, km, caches = inputs[M]
-            return opt(i, p, idx, km, *caches)
+    def locked_call(backend, N, M):
+        i, p, idx, km, caches = inputs[(backend, N, M)]
+        return built[backend][0](i, p, idx, km, *caches)
 
-        with torch.inference_mode(), common.count_compilations() as compiled:
-            bar.set_postfix_str(f"{backend} N={N} warmup/compile")
-            dense_call()
-            for M in Ms:  # warm-up: compiles (inductor) and touches every shape once
-                locked_call(M)
-            t_dense, t_locked = [], {M: [] for M in Ms}
-            for rep in range(args.reps):
-                bar.set_postfix_str(f"{backend} N={N} rep {rep + 1}/{args.reps}")
-                t_dense += common.time_calls(dense_call, reps=1, warmup=0)
-                bar.update()
-                for M in Ms:
-                    t_locked[M] += common.time_calls(lambda: locked_call(M), reps=1, warmup=0)
+    jobs = [(backend, N) for N in args.seqs for backend in args.backends]
+    compilations = {}
+    bar = common.progress(total=len(jobs) * (args.reps + 1), desc=NAME, disable=args.no_progress)
+    with torch.inference_mode():
+        for backend, N in jobs:  # warm-up: compiles (inductor) and touches every shape once
+            bar.set_postfix_str(f"{backend} N={N} warm-up/compile")
+            with common.count_compilations() as compiled:
+                dense_call(backend, N)
+                for M in Ms[N]:
+                    locked_call(backend, N, M)
+            compilations[f"{backend}/N={N}"] = compiled
+            bar.update()
+        t_dense = {job: [] for job in jobs}
+        t_locked = {(b, N, M): [] for b, N in jobs for M in Ms[N]}
+        with common.count_compilations() as timed_compiles:
+            for rep in range(args.reps):  # interleaved: every backend, dense and every M, in each repetition
+                for backend, N in jobs:
+                    bar.set_postfix_str(f"rep {rep + 1}/{args.reps} {backend} N={N}")
+                    t_dense[(backend, N)] += common.time_calls(lambda: dense_call(backend, N), reps=1, warmup=0)
+                    for M in Ms[N]:
+                        t_locked[(backend, N, M)] += common.time_calls(lambda: locked_call(backend, N, M), reps=1, warmup=0)
                     bar.update()
-        compilations[f"{backend}/N={N}"] = compiled
-        td = common.summary(t_dense)["median_s"]
+    bar.close()
+    results = []
+    for backend, N in jobs:
+        td = min(t_dense[(backend, N)])
+        opt = built[backend][0]
         flops_dense = opt.flops.step(B * N, N)
-        for M in Ms:
-            tl = common.summary(t_locked[M])["median_s"]
+        for M in Ms[N]:
+            tl = min(t_locked[(backend, N, M)])
             flops_locked = opt.flops.step(B * M, N)
             results.append(dict(backend=backend, batch=B, seq=N, active_rows=M, fraction=M / N,
                                 t_dense_s=td, t_locked_s=tl, flops_dense=flops_dense, flops_locked=flops_locked,
-                                dense_times_s=t_dense, locked_times_s=t_locked[M],
+                                dense_times_s=t_dense[(backend, N)], locked_times_s=t_locked[(backend, N, M)],
                                 **common.efficiency(td, tl, flops_dense, flops_locked)))
-    bar.close()
     crossovers = [dict(backend=b, seq=N, fraction=crossover([r for r in results if r["backend"] == b and r["seq"] == N]))
                   for b, N in jobs]
-    return dict(benchmark=NAME, machine=common.machine_info(), quick=args.quick,
+    return dict(benchmark=NAME, machine=machine, quick=args.quick,
                 settings=dict(preset=args.preset, seqs=args.seqs, batch=args.batch, reps=args.reps,
                               fractions=args.fractions, backends=args.backends, threads=torch.get_num_threads(),
+                              statistic="minimum over interleaved repetitions",
                               dense_baseline="plain model (eager) / torch.compile(model, dynamic=False) (inductor)",
                               locked_graph="surelock_fx.optimize(model, backend) graph, exact M active rows"),
                 model=common.describe_model(model), results=results, crossover=crossovers,
-                compilations=compilations, optimize_seconds=optimize_s, targets=targets(results))
+                compilations=compilations, compilations_timed=timed_compiles, optimize_seconds=optimize_s,
+                targets=targets(results))
 
 
 def targets(results: list[dict]) -> dict:
     """Efficiency >= 0.9 where M/N >= 0.1; inductor locked >= 2x eager dense at M/N ~ 0.5."""
-    eff = [r for r in results if r["fraction"] >= 0.1 - 1e-9]
-    out = dict(min_efficiency_at_fraction_ge_0_1=min((r["efficiency"] for r in eff), default=None))
+    out = {}
+    for backend in sorted({r["backend"] for r in results}):
+        eff = [r["efficiency"] for r in results if r["backend"] == backend and r["fraction"] >= 0.1 - 1e-9]
+        out[f"min_efficiency_at_fraction_ge_0_1/{backend}"] = min(eff, default=None)
     eager_dense = {(r["seq"], r["batch"]): r["t_dense_s"] for r in results if r["backend"] == "eager"}
     half = [r for r in results if r["backend"] == "inductor" and abs(r["fraction"] - 0.5) < 0.05
             and (r["seq"], r["batch"]) in eager_dense]
     out["inductor_locked_half_vs_eager_dense"] = [
-        dict(seq=r["seq"], fraction=r["fraction"], speedup=eager_dense[(r["seq"], r["batch"])] / r["t_locked_s"])
-        for r in half]
+        dict(backend=r["backend"], seq=r["seq"], fraction=r["fraction"],
+             speedup=eager_dense[(r["seq"], r["batch"])] / r["t_locked_s"]) for r in half]
     return out
 
 
@@ -159,7 +177,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     backends = sorted({r["backend"] for r in rows})
     for N in sorted({r["seq"] for r in rows}):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for backend, color in zip(backends, ("tab:blue", "tab:orange")):
+        for backend, color in zip(backends, ("tab:blue", "tab:orange", "tab:green")):
             pts = sorted((r for r in rows if r["seq"] == N and r["backend"] == backend), key=lambda r: r["fraction"])
             if not pts:
                 continue

@@ -3,7 +3,8 @@
     python benchmarks/train_small.py --out DIR [--minutes M] [--steps S] [--seed S]
 
 Objective: LLaDA's SFT loss. Each sequence is ``<|bos|> prompt <|eot|>`` followed by an answer
-region of ``GEN_LENGTH`` tokens (answer + EOS padding); prompts of a batch are left-padded with
+region of ``GEN_LENGTH`` tokens (answer + EOS padding; on a ``--long-frac`` share of the steps a longer
+region, with proportionally fewer problems); prompts of a batch are left-padded with
 masked-out keys. Per sequence t ~ U(0, 1) (stratified over the batch), p = (1 - eps) t + eps;
 each answer-region token (never the prompt) is replaced by the mask token with probability p; the
 loss is the cross-entropy on masked positions weighted by 1/p, summed, divided by the answer-region
@@ -40,6 +41,7 @@ from surelock_fx.tasks import (DEFAULT_DECODE, GEN_LENGTH, GENERATORS, TASKS,  #
                                build_tokenizer, encode_prompt, evaluate_tasks, special_token_ids)
 
 EPS = 1e-3
+PROMPT_TOKENS = 20  # a typical prompt length, for scaling the batch of long-region steps
 EVAL_SEED = 1_000_003  # fresh problems: training draws from its own random stream
 
 
@@ -53,7 +55,13 @@ def parse_args(argv=None):
     ap.add_argument("--n-layers", type=int, default=6)
     ap.add_argument("--n-heads", type=int, default=8)
     ap.add_argument("--mlp-hidden", type=int, default=768)
-    ap.add_argument("--per-task", type=int, default=8, help="problems per task in a batch")
+    ap.add_argument("--per-task", type=int, default=6, help="problems per task in a batch")
+    ap.add_argument("--mix", default="", help="per-task batch counts overriding --per-task, e.g. add=10,lookup=8")
+    ap.add_argument("--long-frac", type=float, default=0.2,
+                    help="share of steps whose answer region is longer than GEN_LENGTH (EOS-padded to one of "
+                         "--long-lengths, fewer problems per task to keep the step cost), so that the model "
+                         "also decodes at the longer gen_length of the quality sweep")
+    ap.add_argument("--long-lengths", default="32,64,128,256")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr-frac", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.1)
@@ -84,20 +92,22 @@ class Batcher:
     gradient of a step is that of the whole mixed batch (sub-batch losses are summed).
     """
 
-    def __init__(self, tokenizer, seed: int, per_task: int):
+    def __init__(self, tokenizer, seed: int, counts: dict[str, int], long_frac: float = 0.0,
+                 long_lengths: tuple[int, ...] = ()):
         self.tok = tokenizer
         self.rng = random.Random(f"train:{seed}")
-        self.per_task = per_task
+        self.counts = counts
+        self.long_frac, self.long_lengths = long_frac, long_lengths
         self.eos = tokenizer.convert_tokens_to_ids("<|eos|>")
 
-    def sub_batch(self, task: str):
+    def sub_batch(self, task: str, region: int, count: int):
         rows = []
-        for _ in range(self.per_task):
+        for _ in range(count):
             prompt, answer = GENERATORS[task](self.rng)
             a = self.tok.encode(answer, add_special_tokens=False)
             assert len(a) < GEN_LENGTH, (prompt, answer)
-            rows.append((encode_prompt(self.tok, prompt), a + [self.eos] * (GEN_LENGTH - len(a))))
-        width = max(len(p) for p, _ in rows) + GEN_LENGTH
+            rows.append((encode_prompt(self.tok, prompt), a + [self.eos] * (region - len(a))))
+        width = max(len(p) for p, _ in rows) + region
         ids = torch.full((len(rows), width), self.eos, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
         for i, (p, a) in enumerate(rows):
@@ -105,11 +115,16 @@ class Batcher:
             ids[i, width - len(seq):] = seq
             attn[i, width - len(seq):] = 1
         answer_mask = torch.zeros_like(attn, dtype=torch.bool)
-        answer_mask[:, width - GEN_LENGTH:] = True
+        answer_mask[:, width - region:] = True
         return ids, attn, answer_mask
 
     def __call__(self):
-        return [self.sub_batch(task) for task in TASKS]
+        region, scale = GEN_LENGTH, 1.0
+        if self.long_lengths and self.rng.random() < self.long_frac:
+            region = self.rng.choice(self.long_lengths)
+            scale = (PROMPT_TOKENS + GEN_LENGTH) / (PROMPT_TOKENS + region)
+        return [self.sub_batch(task, region, max(1, round(n * scale)))
+                for task, n in self.counts.items() if n]
 
 
 def diffusion_loss(model, ids, attn, answer_mask, mask_id, t, total_batch: int):
@@ -119,7 +134,7 @@ def diffusion_loss(model, ids, attn, answer_mask, mask_id, t, total_batch: int):
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy, attention_mask=attn)
     token_loss = F.cross_entropy(logits[masked], ids[masked], reduction="none") / p_mask[masked]
-    return token_loss.sum() / (GEN_LENGTH * total_batch)
+    return token_loss.sum() / (int(answer_mask[0].sum()) * total_batch)
 
 
 def train_step(model, opt, batch, mask_id) -> float:
@@ -146,6 +161,14 @@ def lr_at(args, step: int, progress: float) -> float:
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * cos)
 
 
+def save(model, tokenizer, out: Path, log: dict) -> None:
+    was_training = model.training
+    save_model(model.eval(), out)
+    tokenizer.save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps(log, indent=2))
+    model.train(was_training)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,10 +184,18 @@ def main(argv=None) -> int:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
-    batcher = Batcher(tokenizer, args.seed, args.per_task)
+    log = {"args": vars(args), "n_params": n_params, "evals": []}
+    counts = dict.fromkeys(TASKS, args.per_task)
+    for item in filter(None, args.mix.split(",")):
+        task, _, n = item.partition("=")
+        if task not in counts:
+            raise SystemExit(f"--mix: unknown task {task!r}; tasks are {', '.join(TASKS)}")
+        counts[task] = int(n)
+    log["task_batch_counts"] = counts
+    long_lengths = tuple(int(n) for n in args.long_lengths.split(",") if n)
+    batcher = Batcher(tokenizer, args.seed, counts, args.long_frac, long_lengths)
     mask_id = model.config.mask_token_id
     budget = args.minutes * 60
-    log = {"args": vars(args), "n_params": n_params, "evals": []}
 
     def run_eval(step, n, seed):
         model.eval()
@@ -200,16 +231,14 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}", refresh=False)
         if step % args.eval_every == 0:
             run_eval(step, args.eval_n, EVAL_SEED + step)
+            save(model, tokenizer, out, log)  # a snapshot, overwritten at the end
     bar.close()
     train_s = time.perf_counter() - start
     final = run_eval(step, args.final_eval_n, EVAL_SEED)
     total_s = time.perf_counter() - start
     log.update(steps=step, train_wall_s=round(train_s, 1), total_wall_s=round(total_s, 1),
                final_accuracy=final, final_loss_ema=ema, decode=DEFAULT_DECODE)
-    model.eval()
-    save_model(model, out)
-    tokenizer.save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps(log, indent=2))
+    save(model, tokenizer, out, log)
     print(f"done: {step} steps, training {train_s / 60:.1f} min, total {total_s / 60:.1f} min; "
           f"final accuracy {json.dumps(final)}; saved to {out}", flush=True)
     return 0

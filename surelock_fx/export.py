@@ -264,19 +264,26 @@ class OrtLockedGraph(torch.nn.Module):
         B, M = index.shape
         outputs = (torch.empty(B, M, self.vocab, dtype=self.logits_dtype, device=device),
                    *(torch.empty_like(c) for c in caches))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # ONNX Runtime reads the inputs on its own stream
-        binding = self.session.io_binding()
-        for name, tensor in zip(self.inputs, inputs):
-            binding.bind_input(name, device.type, device.index or 0, _numpy_dtype(tensor.dtype),
-                               tuple(tensor.shape), tensor.data_ptr())
-        for name, tensor in zip(self.outputs, outputs):
-            binding.bind_output(name, device.type, device.index or 0, _numpy_dtype(tensor.dtype),
-                                tuple(tensor.shape), tensor.data_ptr())
-        self.session.run_with_iobinding(binding)
-        if device.type == "cuda":
-            binding.synchronize_outputs()
+        run_bound(self.session, dict(zip(self.inputs, inputs)), dict(zip(self.outputs, outputs)))
         return tuple(t.to(index.device) for t in outputs)  # no copy unless the session ran elsewhere
+
+
+def run_bound(session, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+    """Run an ONNX Runtime session on contiguous torch tensors, zero-copy: the inputs are bound in
+    place and the session writes into the preallocated ``outputs`` (all on one device)."""
+    device = next(iter(outputs.values())).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # ONNX Runtime reads the inputs on its own stream
+    binding = session.io_binding()
+    for name, tensor in inputs.items():
+        binding.bind_input(name, device.type, device.index or 0, _numpy_dtype(tensor.dtype),
+                           tuple(tensor.shape), tensor.data_ptr())
+    for name, tensor in outputs.items():
+        binding.bind_output(name, device.type, device.index or 0, _numpy_dtype(tensor.dtype),
+                            tuple(tensor.shape), tensor.data_ptr())
+    session.run_with_iobinding(binding)
+    if device.type == "cuda":
+        binding.synchronize_outputs()
 
 
 def _numpy_dtype(dtype: torch.dtype):
@@ -298,14 +305,14 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnxruntime_graph(optimized, export_dir=None, providers=None) -> OrtLockedGraph:
+def onnxruntime_graph(optimized, export_dir=None, providers=None, session_options=None) -> OrtLockedGraph:
     """Export to ``export_dir`` (a temporary directory when None, removed with the graph) and
-    open an ONNX Runtime session on it."""
+    open an ONNX Runtime session on it (``session_options``: an ``onnxruntime.SessionOptions``)."""
     tmp = None
     if export_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="surelock_onnx_")
         export_dir = tmp.name
-    graph = OrtLockedGraph(export_onnx(optimized, export_dir), providers=providers)
+    graph = OrtLockedGraph(export_onnx(optimized, export_dir), providers=providers, session_options=session_options)
     graph._tmpdir = tmp  # the session has loaded the file; the directory lives as long as the graph
     return graph
 
@@ -451,7 +458,7 @@ def check_backend(backend: str, export_dir, options: dict) -> None:
             raise ValueError(f"export_dir and backend options apply to the onnxruntime and tensorrt backends, "
                              f"not backend {backend!r}")
         return
-    allowed = {"onnxruntime": {"providers"}}.get(backend)
+    allowed = {"onnxruntime": {"providers", "session_options"}}.get(backend)
     if allowed is not None and set(options) - allowed:
         raise ValueError(f"unknown option(s) {sorted(set(options) - allowed)} for backend {backend!r}; "
                          f"it takes {sorted(allowed)}")

@@ -6,6 +6,7 @@ exactly the same positions given the same logits.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch.profiler import record_function
@@ -60,16 +61,20 @@ class LockState:
     """Lock mask and latest logits of one decode; per-row tensors carry a scratch column N where
     padding rows of an active index land."""
 
-    def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int):
+    def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,
+                 kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         B, N = first_input.shape
         self.config = config
+        self.kl = kl or kl_divergence
         self.seq = N
         self.locked = torch.zeros(B, N, dtype=torch.bool, device=first_input.device)
         self.prompt = self._with_scratch(first_input != mask_id)
         self.has_prev = torch.zeros(B, N + 1, dtype=torch.bool, device=first_input.device)
-        # [B, N + 1, V]: raw logits of each row's latest active pass (p_{t-1} of the KL rule, and
-        # what a runner hands the sampler); allocated on the first update.
-        self.last_logits: torch.Tensor | None = None
+        # [B * N + 1, V]: raw logits of each row's latest active pass (p_{t-1} of the KL rule, and
+        # what a runner hands the sampler): row b * N + i is position i of batch row b, the last row
+        # is the scratch row, so that ``last_logits`` is a contiguous [B, N, V] view (the sampler's
+        # full-vocabulary softmax runs a quarter slower on a strided one). Allocated on the first update.
+        self._logits: torch.Tensor | None = None
         # Trace for analysis: the update (step) at which each position locked and its KL then.
         self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=first_input.device)
         self.lock_kl = torch.full((B, N), float("nan"), device=first_input.device)
@@ -79,13 +84,26 @@ class LockState:
     def _with_scratch(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
 
+    @property
+    def last_logits(self) -> torch.Tensor | None:
+        """[B, N, V] (contiguous): the logits of each position's latest active pass."""
+        if self._logits is None:
+            return None
+        return self._logits[: self.locked.numel()].view(*self.locked.shape, -1)
+
+    def _rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows of the logits buffer for positions ``index`` [B, M] (padding index N: the scratch row)."""
+        B, N = self.locked.shape
+        base = torch.arange(B, device=index.device)[:, None] * N
+        return torch.where(index < N, base + index, B * N)
+
     def store(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the logits [B, M, V] of rows ``index`` [B, M] into ``last_logits`` (row copies)."""
-        if self.last_logits is None:
-            self.last_logits = logits.new_zeros(self.locked.shape[0], self.seq + 1, logits.shape[-1])
-        batch = torch.arange(index.shape[0], device=index.device)[:, None]
+        """Write the logits [B, M, V] of rows ``index`` [B, M] into the buffer (row copies)."""
+        V = logits.shape[-1]
+        if self._logits is None:
+            self._logits = logits.new_zeros(self.locked.numel() + 1, V)
         with record_function("surelock::store_logits"):
-            self.last_logits[batch, index] = logits
+            self._logits.index_copy_(0, self._rows(index).flatten(), logits.reshape(-1, V))
 
     def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
         """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
@@ -103,7 +121,8 @@ class LockState:
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
                 with record_function("surelock::kl"):
-                    sure[b, j], kl = self._sure(logits[b, j], self.last_logits[b, index[b, j]], b, j, candidate.shape)
+                    prev = self._logits[self._rows(index)[b, j]]
+                    sure[b, j], kl = self._sure(logits[b, j], prev, b, j, candidate.shape)
                 locking = sure[b, j]
                 rows, positions = b[locking], index[b, j][locking]
                 self.lock_step[rows, positions] = self.updates
@@ -117,19 +136,25 @@ class LockState:
 
     def _sure(self, logits: torch.Tensor, prev_logits: torch.Tensor, b, j, shape):
         """(lock decision, KL) for candidate rows (b, j) given their new and previous logits [C, V]."""
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        prev = torch.log_softmax(prev_logits.float(), dim=-1)
-        kl = (logp.exp() * (logp - prev)).sum(-1)
+        kl = self.kl(logits, prev_logits)
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            sure &= _most_confident(logp, b, j, shape, self.config.confidence_gate)
+            sure &= _most_confident(logits, b, j, shape, self.config.confidence_gate)
         return sure, kl
 
 
-def _most_confident(logp: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
-    """For candidate rows (b, j) with log-probabilities ``logp`` [C, V]: whether each one's
-    uncertainty 1 - max p is within the ``fraction``-quantile of its batch row's candidates."""
-    uncertainty = 1 - logp.max(dim=-1).values.exp()
+def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || p_prev) per row of [C, V] logits, at temperature 1, in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    prev = torch.log_softmax(prev_logits.float(), dim=-1)
+    return (logp.exp() * (logp - prev)).sum(-1)
+
+
+def _most_confident(logits: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
+    """For candidate rows (b, j) with logits [C, V]: whether each one's uncertainty 1 - max p is
+    within the ``fraction``-quantile of its batch row's candidates."""
+    logits = logits.float()
+    uncertainty = 1 - (logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).exp()
     masked = torch.full(shape, float("nan"), dtype=uncertainty.dtype, device=uncertainty.device)
     masked[b, j] = uncertainty
     cutoff = torch.nanquantile(masked, fraction, dim=1)

@@ -8,7 +8,7 @@ from torch import fx
 
 from .capture import capture
 from .export import backend_graph, check_backend
-from .lock import LockConfig
+from .lock import LockConfig, kl_divergence
 from .passes import cache_specs, lock_rows
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
@@ -34,13 +34,16 @@ class OptimizedModel(torch.nn.Module):
         self.bucket = bucket
         self.compile_seconds = compile_seconds
         self.compiled = torch.compile(locked, dynamic=True) if backend == "inductor" else locked
+        # The lock rule's full-vocabulary KL costs about as much per row as the LM head; inductor
+        # fuses its softmaxes and reduction into one pass.
+        self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
 
     def forward(self, input_ids, position_ids, active_index, key_mask, *caches):
         return self.compiled(input_ids, position_ids, active_index, key_mask, *caches)
 
     def decode_runner(self, lock: LockConfig | None, stats: DecodeStats) -> LockedRunner:
         return LockedRunner(self.compiled, cache_specs(self.graph_module), self.config, self.flops,
-                            lock, stats, self.bucket)
+                            lock, stats, self.bucket, kl=self.kl)
 
 
 def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, export_dir=None,
@@ -52,7 +55,7 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, ex
     else a temporary directory) and runs it in ONNX Runtime sessions (CUDA provider if available);
     "tensorrt" builds TensorRT engines (torch-tensorrt, CUDA; saved to ``export_dir`` if given).
     backend_options: for "tensorrt" the ranges and settings of ``surelock_fx.export_tensorrt``,
-    for "onnxruntime" ``providers``. bucket: active counts are padded up to a multiple of
+    for "onnxruntime" ``providers`` and ``session_options``. bucket: active counts are padded up to a multiple of
     it, so compiled graphs are reused across steps.
     The model must take ``input_ids`` and ``position_ids`` and return logits (or an output with
     ``.logits``); its config must name a ``mask_token_id``.

@@ -7,7 +7,7 @@ locked position is already unmasked.
 
 Per step the runner's own work (profiled under the ``surelock::*`` record_function labels) is:
 building the active index, running the graph, the KL lock rule on the candidate rows and copying
-the M rows of logits into the lock state's [B, N + 1, V] buffer, which it hands the sampler.
+the M rows of logits into the lock state's buffer, whose contiguous [B, N, V] view it hands the sampler.
 """
 from __future__ import annotations
 
@@ -65,15 +65,16 @@ class LockedRunner:
     """Runs a locked graph for one decode, holding its caches and lock state."""
 
     def __init__(self, graph: LockedGraph, specs: list[CacheSpec], config, flops: FlopModel,
-                 lock: LockConfig | None, stats: DecodeStats, bucket: int = 1, full_from: float = FULL_FROM):
-        self.graph, self.specs, self.flops = graph, specs, flops
+                 lock: LockConfig | None, stats: DecodeStats, bucket: int = 1, full_from: float = FULL_FROM,
+                 kl=None):
+        self.graph, self.specs, self.flops, self.kl = graph, specs, flops, kl
         self.lock, self.stats, self.bucket, self.full_from = lock, stats, bucket, full_from
         self.mask_id = special_ids(config)[0]
         self.state: LockState | None = None
 
     def _start(self, x: torch.Tensor) -> None:
         B, N = x.shape
-        self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id)
+        self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id, self.kl)
         self.caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype, device=x.device) for s in self.specs]
         self.positions = torch.arange(N, device=x.device).expand(B, N)
         self.stats.flops_dense = self.stats.flops_locked = 0
@@ -92,7 +93,7 @@ class LockedRunner:
         self._record(counts, N)
         with record_function("surelock::lock_update"):
             self.state.update(index, logits, x != self.mask_id)
-        return self.state.last_logits[:, :N]
+        return self.state.last_logits
 
     def _record(self, counts: torch.Tensor, N: int) -> None:
         stats = self.stats

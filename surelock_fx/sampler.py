@@ -164,24 +164,34 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     if logits_eos_inf and eos is not None:
         logits = logits.clone()
         logits[..., eos] = -torch.inf
-    proposals = logits.clone()
-    proposals[..., mask_id] = -torch.inf
-    x0 = add_gumbel_noise(proposals, temperature, generator).argmax(dim=-1)
+    x0 = proposals_argmax(add_gumbel_noise(logits, temperature, generator), mask_id)
+    # Only masked positions of the current block can be committed: their confidences alone are computed.
+    live = mask_index.clone()
+    live[:, block_end:] = False
+    x0_p = torch.full(x0.shape, -torch.inf, device=x0.device)
     if remasking == "low_confidence":
-        scored = logits
+        scored = logits[live]
         if confidence_eos_eot_inf:
-            scored = logits.clone()
             for tok in (eos, eot):
                 if tok is not None:
-                    scored[..., tok] = -torch.inf
+                    scored[:, tok] = -torch.inf
         p = F.softmax(scored.float(), dim=-1)
-        x0_p = p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        x0_p[live] = p.gather(-1, x0[live].unsqueeze(-1)).squeeze(-1)
     else:
-        x0_p = torch.rand(x0.shape, device=x0.device, generator=generator)
-    x0_p[:, block_end:] = -torch.inf
-    x0 = torch.where(mask_index, x0, x)
-    confidence = torch.where(mask_index, x0_p, torch.tensor(-torch.inf, device=x0_p.device))
-    return x0, confidence
+        x0_p[live] = torch.rand(x0.shape, device=x0.device, generator=generator)[live]
+    return torch.where(mask_index, x0, x), x0_p
+
+
+def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """argmax over the vocabulary without the mask token (as if its score were -inf), without
+    copying ``scores``: only rows whose argmax is the mask token are rescored."""
+    x0 = scores.argmax(dim=-1)
+    hit = x0 == mask_id
+    if hit.any():
+        rows = scores[hit]
+        rows[:, mask_id] = -torch.inf
+        x0[hit] = rows.argmax(dim=-1)
+    return x0
 
 
 def select_topk(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

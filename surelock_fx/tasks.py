@@ -21,8 +21,8 @@ Sequence format (training and decoding alike, see ``encode_prompt``)::
 The answer region is always ``GEN_LENGTH`` tokens: the answer followed by EOS padding, as in
 LLaDA's SFT. The tokenizer's chat template produces the same prompt ids.
 
-Default decode settings of the shipped model (``DEFAULT_DECODE``): ``gen_length=32, steps=32,
-block_length=32`` (one block, one token per step: the setting the SureLock paper uses),
+Default decode settings of the shipped model (``DEFAULT_DECODE``): ``gen_length=16, steps=16,
+block_length=16`` (one block, one token per step: the setting the SureLock paper uses),
 ``temperature=0``, ``remasking="low_confidence"``. Prompts of a batch may have different lengths:
 ``encode_batch`` left-pads them with EOS and returns the attention mask ``generate`` takes (RoPE
 attention depends on relative positions only, so left padding with masked keys changes the
@@ -40,9 +40,9 @@ import torch
 
 TASKS = ("add", "sort", "reverse", "lookup", "word")
 
-GEN_LENGTH = 32
-MAX_ANSWER_CHARS = 24
-DEFAULT_DECODE = dict(gen_length=GEN_LENGTH, steps=32, block_length=32, temperature=0.0,
+GEN_LENGTH = 16
+MAX_ANSWER_CHARS = 12
+DEFAULT_DECODE = dict(gen_length=GEN_LENGTH, steps=GEN_LENGTH, block_length=GEN_LENGTH, temperature=0.0,
                       remasking="low_confidence")
 
 MASK, EOS, EOT, BOS, UNK = "<|mask|>", "<|eos|>", "<|eot|>", "<|bos|>", "<|unk|>"

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import surelock_fx
-from surelock_fx.lock import LockConfig, LockState, active_index
+from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence
 from surelock_fx.reference import reference_generate
 
 from helpers import hf_llama_from_llada, tiny_model
@@ -128,6 +128,30 @@ def test_kl_lock_rule_matches_a_direct_computation():
     assert torch.equal(state.lock_step, torch.where(expected, 1, -1))  # locked at the second update
     torch.testing.assert_close(state.lock_kl[expected], kl[expected])
     assert state.lock_kl[~expected].isnan().all()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
+def test_kl_divergence_matches_float64_reference(compiled):
+    kl = torch.compile(kl_divergence, dynamic=True) if compiled else kl_divergence
+    gen = torch.Generator().manual_seed(5)
+    for C, V in ((1, 7), (13, 301), (40, 1000)):
+        new, old = (4 * torch.randn(C, V, generator=gen) for _ in range(2))
+        p, q = new.double().softmax(-1), old.double().softmax(-1)
+        expected = (p * (p.log() - q.log())).sum(-1)
+        torch.testing.assert_close(kl(new, old).double(), expected, rtol=1e-4, atol=1e-5)
+        # bfloat16 logits are upcast: the KL is computed in float32
+        torch.testing.assert_close(kl(new.bfloat16(), old.bfloat16()),
+                                   kl_divergence(new.bfloat16().float(), old.bfloat16().float()), rtol=1e-5, atol=1e-6)
+
+
+def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
+    compiled = surelock_fx.optimize(model, backend="inductor")
+    p = prompts(2, 5, seed=21)
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
+    fast, eager = surelock_fx.generate(compiled, p, **kw), surelock_fx.generate(optimized, p, **kw)
+    assert torch.equal(fast.tokens, eager.tokens)
+    assert fast.stats.locked_counts[-1] > 0
+    assert fast.stats.locked_counts == eager.stats.locked_counts
 
 
 def test_confidence_gate_keeps_only_the_most_confident():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import tiny_config, tiny_model
 from surelock_fx import generate
+from surelock_fx.sampler import proposals_argmax
 
 MASK, EOS, EOT, VOCAB = 100, 99, 98, 101
 
@@ -328,3 +329,17 @@ def test_bad_input_error_names_the_problem(model, case):
     prompt = kwargs.pop("prompt")
     with pytest.raises(ValueError, match=message):
         generate(model, prompt, **kwargs)
+
+
+def test_proposals_never_take_the_mask_token():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(3, 9, 20, generator=gen)
+    mask_id = 7
+    scores[0, :4, mask_id] = 50.0  # the mask token would win these rows
+    scores[1, 2, [mask_id, 3]] = 60.0  # a tie between the mask token and token 3
+    before = scores.clone()
+    expected = scores.clone()
+    expected[..., mask_id] = -torch.inf
+    x0 = proposals_argmax(scores, mask_id)
+    assert torch.equal(x0, expected.argmax(-1)) and not (x0 == mask_id).any()
+    assert torch.equal(scores, before), "the scores are not modified"
