@@ -149,7 +149,8 @@ def schedule_source(args):
         from transformers import AutoTokenizer
 
         from surelock_fx.models import load_model
-        from surelock_fx.tasks import DEFAULT_DECODE, TASKS, encode_batch, make_problems
+        from surelock_fx.evaluate import encode_batch
+        from surelock_fx.tasks import DEFAULT_DECODE, TASKS, make_problems
 
         model = load_model(path)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -33,19 +33,21 @@ MARKERS = ("<!-- quality-table:begin -->", "<!-- quality-table:end -->")
 
 
 def decode_grid(quick: bool) -> list[dict]:
-    lengths = [64] if quick else [64, 128, 256]
-    grid = []
-    for gen in lengths:
+    """The shipped model's default setting (gen_length 16), then gen_length 64, 128 and 256, each with
+    steps = gen_length and gen_length / 2, one block or blocks of 32."""
+    grid = [dict(gen_length=tasks.GEN_LENGTH, steps=steps, block_length=tasks.GEN_LENGTH, temperature=0.0)
+            for steps in (tasks.GEN_LENGTH, tasks.GEN_LENGTH // 2)]
+    for gen in [] if quick else [64, 128, 256]:
         for steps, block in itertools.product([gen, gen // 2], [gen, 32]):
-            if quick and (steps, block) != (gen, gen):
-                continue
             grid.append(dict(gen_length=gen, steps=steps, block_length=block, temperature=0.0))
     return grid
 
 
-def lock_grid(quick: bool) -> list[surelock_fx.LockConfig | None]:
-    gates, prompts = ([None], [True]) if quick else ([None, 0.2], [True, False])
-    locks = [None]  # "never": the locked graph with nothing locked
+def lock_grid(full: bool) -> list[surelock_fx.LockConfig | None]:
+    """never (the locked graph with nothing locked), then every eps; with ``full`` also the
+    confidence gate and lock_prompt off."""
+    gates, prompts = ([None, 0.2], [True, False]) if full else ([None], [True])
+    locks = [None]
     for eps, gate, prompt in itertools.product(EPSILONS, gates, prompts):
         locks.append(surelock_fx.LockConfig(kl_threshold=eps, confidence_gate=gate, lock_prompt=prompt))
     return locks
@@ -105,19 +107,22 @@ def sweep(args) -> dict:
     model = load_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     optimized = surelock_fx.optimize(model)
-    problems = [p for task in tasks.TASKS for p in tasks.make_problems(task, args.n, args.seed)]
-    prompts, expected = [p for p, _ in problems], [a for _, a in problems]
     rows, curves, bound, timelines = [], {}, {}, {}
     for decode in decode_grid(args.quick):
+        long = decode["gen_length"] > args.full_grid_up_to
+        n = max(1, args.n // 2) if long else args.n  # long decodes: half the problems, eps only
+        problems = {task: tasks.make_problems(task, n, args.seed) for task in tasks.TASKS}
+        prompts = [p for task in tasks.TASKS for p, _ in problems[task]]
+        expected = [a for task in tasks.TASKS for _, a in problems[task]]
         key = f"gen {decode['gen_length']}, steps {decode['steps']}, block {decode['block_length']}"
         dense = decode_problems(model, tokenizer, prompts, batch_size=len(prompts), desc=f"dense {key}", **decode)
-        for lock in lock_grid(args.quick):
+        for lock in lock_grid(full=not (long or args.quick)):
             locked = decode_problems(optimized, tokenizer, prompts, batch_size=len(prompts), lock=lock,
                                      desc=f"{lock_label(lock)} | {key}", **decode)
             row = dict(decode=decode, lock=None if lock is None else dataclasses.asdict(lock),
-                       label=lock_label(lock), n=len(problems), **compare(dense, locked, expected))
+                       label=lock_label(lock), n=len(prompts), **compare(dense, locked, expected))
             row["accuracy_locked_per_task"] = {
-                t: accuracy(locked.answers[i * args.n:(i + 1) * args.n], expected[i * args.n:(i + 1) * args.n])
+                t: accuracy(locked.answers[i * n:(i + 1) * n], expected[i * n:(i + 1) * n])
                 for i, t in enumerate(tasks.TASKS)}
             rows.append(row)
             if lock is not None and lock.confidence_gate is None and lock.lock_prompt:
@@ -126,7 +131,7 @@ def sweep(args) -> dict:
                     bound[f"{key} | {lock_label(lock)}"] = drift_points(model, tokenizer, prompts, locked)
                     timelines[f"{key} | {lock_label(lock)}"] = timeline(locked)
     return dict(machine=common.machine_info(), settings=dict(n_per_task=args.n, seed=args.seed, quick=args.quick,
-                tasks=list(tasks.TASKS), model=Path(args.model).name),
+                full_grid_up_to=args.full_grid_up_to, tasks=list(tasks.TASKS), model=Path(args.model).name),
                 rows=rows, active_curves=curves, bound=bound, timelines=timelines)
 
 
@@ -155,7 +160,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     name = next(k for k in result["timelines"] if "eps 0.005" in k)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cmap = matplotlib.colors.ListedColormap(["#d9d9d9", "#4c72b0", "#dd8452"])
-    ax.imshow(torch.tensor(result["timelines"][name]).T, aspect="auto", cmap=cmap, vmin=0, vmax=2,
+    ax.imshow(torch.tensor(result["timelines"][name]).T.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=2,
               interpolation="nearest", origin="lower")
     ax.set(xlabel="decoding step", ylabel="position", title=f"Lock timeline: grey masked, blue active, orange locked\n{name}")
     paths.append(_save(fig, out / "lock_timeline.png"))
@@ -187,11 +192,42 @@ def table(result: dict) -> str:
         lines.append(f"| {d['gen_length']} | {d['steps']} | {d['block_length']} | {r['label']} | "
                      f"{r['accuracy_dense']:.3f} | {r['accuracy_locked']:.3f} | {r['token_agreement']:.3f} | "
                      f"{r['flops_ratio']:.3f} | {r['wall_ratio']:.2f} |")
+    return "\n".join(lines) + "\n\n" + provenance(result)
+
+
+def summary(result: dict) -> list[dict]:
+    """Per lock setting, over the decode settings it ran on: mean accuracies, the worst accuracy
+    change, mean token agreement, FLOPs and wall ratios."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in result["rows"]):
+        rs = [r for r in result["rows"] if r["label"] == label]
+        mean = lambda key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+        out.append(dict(label=label, settings=len(rs), accuracy_dense=mean("accuracy_dense"),
+                        accuracy_locked=mean("accuracy_locked"),
+                        worst_change=min(r["accuracy_locked"] - r["accuracy_dense"] for r in rs),
+                        token_agreement=mean("token_agreement"), flops_ratio=mean("flops_ratio"),
+                        wall_ratio=mean("wall_ratio")))
+    return out
+
+
+def summary_table(result: dict) -> str:
+    """The README's table: one row per lock setting, averaged over the decode settings."""
+    lines = ["| lock | decode settings | acc dense | acc locked | worst change | token agreement | FLOPs ratio | wall ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary(result):
+        lines.append(f"| {r['label']} | {r['settings']} | {r['accuracy_dense']:.3f} | {r['accuracy_locked']:.3f} | "
+                     f"{r['worst_change']:+.3f} | {r['token_agreement']:.3f} | {r['flops_ratio']:.3f} | "
+                     f"{r['wall_ratio']:.2f} |")
+    return "\n".join(lines) + "\n\n" + provenance(result)
+
+
+def provenance(result: dict) -> str:
     s = result["settings"]
-    lines.append(f"\n_{s['n_per_task']} problems per task x {len(s['tasks'])} tasks, seed {s['seed']}, "
-                 f"model `{s['model']}`, {result['machine']['cpu_model']}; generated by "
-                 f"`python benchmarks/quality_sweep.py{' --quick' if s['quick'] else ''} --n {s['n_per_task']}`._")
-    return "\n".join(lines)
+    gens = sorted({r["decode"]["gen_length"] for r in result["rows"]})
+    return (f"_gen_length {', '.join(map(str, gens))}; {s['n_per_task']} problems per task x {len(s['tasks'])} tasks "
+            f"(half as many, eps only, above gen_length {s['full_grid_up_to']}), seed {s['seed']}, model "
+            f"`{s['model']}`, {result['machine']['cpu_model']}, eager backend; generated by "
+            f"`python benchmarks/quality_sweep.py{' --quick' if s['quick'] else ''} --n {s['n_per_task']}`._")
 
 
 def write_readme_table(result: dict) -> None:
@@ -201,14 +237,17 @@ def write_readme_table(result: dict) -> None:
         raise SystemExit(f"README.md has no {begin} ... {end} block to fill")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{begin}\n{table(result)}\n{end}{tail}")
+    README.write_text(f"{head}{begin}\n{summary_table(result)}\n{end}{tail}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=tasks.default_model_dir(),
                         help="checkpoint with tokenizer (default: the shipped tiny-tasks model)")
-    parser.add_argument("--quick", action="store_true", help="gen_length 64, one decode setting, eps only")
+    parser.add_argument("--quick", action="store_true", help="the default gen_length only, eps only")
+    parser.add_argument("--full-grid-up-to", type=int, default=64,
+                        help="gen_length up to which the gate and lock_prompt variants run too; longer decodes "
+                             "run eps only, on half the problems (default: 64)")
     parser.add_argument("--n", type=int, default=8, help="problems per task (default: 8)")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", type=Path, default=common.FIGURES / "quality",
@@ -218,9 +257,10 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = sweep(args)
     (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+    (args.out / "quality.md").write_text("# Quality sweep, every setting (generated)\n\n" + table(result) + "\n")
     for path in plot(result, args.out):
         print(f"wrote {path}")
-    print(table(result))
+    print(summary_table(result))
     if not args.no_readme:
         write_readme_table(result)
 

@@ -37,8 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from surelock_fx.models import LLaDAConfig, LLaDAModel, save_model  # noqa: E402
+from surelock_fx.evaluate import task_accuracy  # noqa: E402
 from surelock_fx.tasks import (DEFAULT_DECODE, GEN_LENGTH, GENERATORS, TASKS,  # noqa: E402
-                               build_tokenizer, encode_prompt, evaluate_tasks, special_token_ids)
+                               build_tokenizer, encode_prompt, special_token_ids)
 
 EPS = 1e-3
 PROMPT_TOKENS = 20  # a typical prompt length, for scaling the batch of long-region steps
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     def run_eval(step, n, seed):
         model.eval()
         t0 = time.perf_counter()
-        acc = evaluate_tasks(model, tokenizer, n=n, seed=seed)
+        acc = task_accuracy(model, tokenizer, n=n, seed=seed, task_names=[t for t in TASKS if counts[t]])
         model.train()
         entry = {"step": step, "elapsed_s": round(time.perf_counter() - start, 1), "n_per_task": n,
                  "accuracy": acc, "eval_s": round(time.perf_counter() - t0, 1)}

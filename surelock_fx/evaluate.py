@@ -40,7 +40,7 @@ def encode_batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Ten
 
 
 def decode_problems(model, tokenizer, prompts: list[str], *, batch_size: int, lock=None, desc="decoding",
-                    **decode) -> DecodeRun:
+                    progress: bool = True, **decode) -> DecodeRun:
     """Decode every prompt (batched) and return the decoded answers."""
     from .cli import decode_answer
 
@@ -48,7 +48,7 @@ def decode_problems(model, tokenizer, prompts: list[str], *, batch_size: int, lo
     stops = (config.eos_token_id, getattr(config, "eot_token_id", None))
     answers, generated, stats = [], [], []
     wall = 0.0
-    for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+    for lo in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         ids, mask = encode_batch(tokenizer, prompts[lo:lo + batch_size])
         start = time.perf_counter()
         out = generate(model, ids, attention_mask=mask, lock=lock, **decode)
@@ -62,6 +62,22 @@ def decode_problems(model, tokenizer, prompts: list[str], *, batch_size: int, lo
 
 def accuracy(answers: list[str], expected: list[str]) -> float:
     return sum(a.strip() == e.strip() for a, e in zip(answers, expected)) / max(len(expected), 1)
+
+
+def task_accuracy(model, tokenizer, n: int, seed: int, task_names=None, batch_size: int = 128,
+                  **decode) -> dict[str, float]:
+    """Dense accuracy per built-in task on ``n`` fresh problems each (``make_problems(task, n, seed)``),
+    at the tasks' ``DEFAULT_DECODE`` settings unless ``decode`` overrides them."""
+    from . import tasks
+
+    settings = {**tasks.DEFAULT_DECODE, **decode}
+    out = {}
+    for task in task_names or tasks.TASKS:
+        problems = tasks.make_problems(task, n, seed)
+        run = decode_problems(model, tokenizer, [p for p, _ in problems], batch_size=batch_size,
+                              progress=False, **settings)
+        out[task] = accuracy(run.answers, [a for _, a in problems])
+    return out
 
 
 def compare(dense: DecodeRun, locked: DecodeRun, expected: list[str]) -> dict:

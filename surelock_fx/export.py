@@ -26,7 +26,7 @@ import dataclasses
 import importlib
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import fx

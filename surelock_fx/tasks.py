@@ -19,14 +19,13 @@ Sequence format (training and decoding alike, see ``encode_prompt``)::
     <|bos|> prompt characters <|eot|>  |  answer characters <|eos|> <|eos|> ... (GEN_LENGTH tokens)
 
 The answer region is always ``GEN_LENGTH`` tokens: the answer followed by EOS padding, as in
-LLaDA's SFT. The tokenizer's chat template produces the same prompt ids.
+LLaDA's SFT. The tokenizer's chat template produces the same prompt ids, so that
+``surelock_fx.evaluate`` (which encodes prompts with the chat template) decodes exactly what
+training saw.
 
 Default decode settings of the shipped model (``DEFAULT_DECODE``): ``gen_length=16, steps=16,
 block_length=16`` (one block, one token per step: the setting the SureLock paper uses),
-``temperature=0``, ``remasking="low_confidence"``. Prompts of a batch may have different lengths:
-``encode_batch`` left-pads them with EOS and returns the attention mask ``generate`` takes (RoPE
-attention depends on relative positions only, so left padding with masked keys changes the
-logits only by float rounding).
+``temperature=0``, ``remasking="low_confidence"``.
 """
 from __future__ import annotations
 
@@ -34,9 +33,7 @@ import json
 import random
 import string
 from pathlib import Path
-from typing import Callable, Iterable
-
-import torch
+from typing import Callable
 
 TASKS = ("add", "sort", "reverse", "lookup", "word")
 
@@ -184,73 +181,3 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """``[<|bos|>] + chars(prompt) + [<|eot|>]``: the same ids as the chat template of one user turn."""
     ids = tokenizer.convert_tokens_to_ids
     return [ids(BOS)] + tokenizer.encode(prompt, add_special_tokens=False) + [ids(EOT)]
-
-
-def encode_batch(tokenizer, prompts: Iterable[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids [B, P] (padded with EOS) and the attention mask (1 keep, 0 pad)."""
-    rows = [encode_prompt(tokenizer, p) for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.convert_tokens_to_ids(EOS)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def decode_answer(tokenizer, ids) -> str:
-    """The generated answer: the ids up to the first EOS (or EOT), decoded and stripped."""
-    ids = [int(i) for i in ids]
-    stops = {tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(EOT)}
-    for k, i in enumerate(ids):
-        if i in stops:
-            ids = ids[:k]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def score(prediction: str, answer: str) -> bool:
-    """Exact match of the (stripped) decoded answer."""
-    return prediction.strip() == answer.strip()
-
-
-# ----------------------------------------------------------------------------------------------
-# dense evaluation
-# ----------------------------------------------------------------------------------------------
-
-def evaluate(model, tokenizer, problems: list[tuple[str, str]], batch_size: int = 128,
-             **decode) -> tuple[float, list[str]]:
-    """Accuracy of ``surelock_fx.generate`` on ``problems`` and the decoded answers.
-
-    ``decode`` overrides ``DEFAULT_DECODE``; pass ``lock=...`` with an optimized model to evaluate
-    a locked decode the same way.
-    """
-    from .sampler import generate
-
-    settings = {**DEFAULT_DECODE, **decode}
-    preds: list[str] = []
-    for lo in range(0, len(problems), batch_size):
-        chunk = problems[lo:lo + batch_size]
-        ids, mask = encode_batch(tokenizer, [p for p, _ in chunk])
-        out = generate(model, ids, attention_mask=mask, **settings)
-        gen = out.tokens[:, ids.shape[1]:]
-        preds.extend(decode_answer(tokenizer, row) for row in gen)
-    correct = sum(score(p, a) for p, (_, a) in zip(preds, problems))
-    return correct / max(len(problems), 1), preds
-
-
-def evaluate_tasks(model, tokenizer, n: int, seed: int, tasks: Iterable[str] = TASKS,
-                   **decode) -> dict[str, float]:
-    """Dense accuracy per task on ``n`` fresh problems each (``make_problems(task, n, seed)``)."""
-    return {task: evaluate(model, tokenizer, make_problems(task, n, seed), **decode)[0] for task in tasks}
-
-
-def load_default(dtype: torch.dtype | None = None):
-    """(model, tokenizer) of the shipped checkpoint, loaded offline."""
-    from transformers import AutoTokenizer
-
-    from .models import load_model
-
-    path = default_model_dir()
-    return load_model(path, dtype=dtype), AutoTokenizer.from_pretrained(path, local_files_only=True)

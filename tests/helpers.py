@@ -130,3 +130,17 @@ def hf_llama_from_llada(model: LLaDAModel) -> LlamaForCausalLM:
     result = hf.load_state_dict(llama_state_dict(model), strict=True)
     assert not result.missing_keys and not result.unexpected_keys, result
     return hf.to(model.lm_head_weight.dtype).eval()
+
+
+def save_task_checkpoint(path):
+    """A random 1-layer LLaDA with the synthetic tasks' tokenizer, saved as a checkpoint directory."""
+    from surelock_fx import tasks
+    from surelock_fx.models import save_model
+
+    tokenizer = tasks.build_tokenizer()
+    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
+                         rope_theta=10000.0, **tasks.special_token_ids(tokenizer))
+    torch.manual_seed(0)
+    save_model(LLaDAModel(config), path)
+    tokenizer.save_pretrained(path)
+    return path

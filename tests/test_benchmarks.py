@@ -136,7 +136,7 @@ def test_sample_points_and_interpolation():
 
 
 def test_decode_e2e(out):
-    result = decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
+    decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
                               "--samples", "3", "--exact", "1x8", "--variants", "dense/eager", "locked/eager",
                               "--schedule-model", "random", *COMMON])
     saved = common.read_json(out / "decode_e2e.json")

@@ -4,23 +4,16 @@ import json
 import pytest
 import torch
 
-from surelock_fx import tasks
 from surelock_fx.cli import main
 from surelock_fx.evaluate import DecodeRun, compare
-from surelock_fx.models import LLaDAConfig, LLaDAModel, save_model
 from surelock_fx.sampler import DecodeStats
+
+from helpers import save_task_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    tokenizer = tasks.build_tokenizer()
-    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
-                         rope_theta=10000.0, **tasks.special_token_ids(tokenizer))
-    torch.manual_seed(0)
-    save_model(LLaDAModel(config), path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_task_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def run(answers, generated, active, locked, flops, wall):
