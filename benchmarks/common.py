@@ -95,6 +95,14 @@ def write_json(path: Path, payload: dict) -> Path:
     return path
 
 
+def run_and_save(name: str, args, run, plot) -> tuple[dict, Path]:
+    """Run a benchmark, write ``<out>/<name>.json`` and its plots; (result, JSON path)."""
+    result = run(args)
+    path = write_json(args.out / f"{name}.json", result)
+    plot(result, args.out)
+    return result, path
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

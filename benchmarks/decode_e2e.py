@@ -506,10 +506,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    result = run(args)
-    path = common.write_json(args.out / f"{NAME}.json", result)
-    plot(result, args.out)
+    result, path = common.run_and_save(NAME, parse_args(argv), run, plot)
     for r in result["results"]:
         print(f"B={r['batch']} G={r['gen_length']:5d} {r['mode']:7s} FLOPs ratio {r['flops_ratio']:.3f}  "
               + "  ".join(f"{k} {v:.2f}s" for k, v in r["time_s"].items())

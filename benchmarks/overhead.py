@@ -242,10 +242,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    result = run(args)
-    path = common.write_json(args.out / f"{NAME}.json", result)
-    plot(result, args.out)
+    result, path = common.run_and_save(NAME, parse_args(argv), run, plot)
     for backend, entry in result["optimize_cost"].items():
         print(f"{backend}: {entry}")
     for s in result["steps"]:

@@ -199,10 +199,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    result = run(args)
-    path = common.write_json(args.out / f"{NAME}.json", result)
-    plot(result, args.out)
+    result, path = common.run_and_save(NAME, parse_args(argv), run, plot)
     for r in result["results"]:
         print(f"{r['backend']:9s} N={r['seq']:5d} M/N={r['fraction']:.3f}  dense {r['t_dense_s'] * 1e3:8.1f} ms  "
               f"locked {r['t_locked_s'] * 1e3:8.1f} ms  speedup {r['speedup']:.2f}  ideal {r['ideal_speedup']:.2f}  "

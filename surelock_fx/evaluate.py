@@ -193,25 +193,14 @@ def run_eval(args) -> int:
 
 
 def default_checkpoint() -> Path:
-    """The shipped trained model; without one, a seeded random model built once in a cache dir."""
-    import tempfile
-
+    """The trained tiny-tasks model shipped with the package."""
     from . import tasks
-    from .models import LLaDAConfig, LLaDAModel, save_model
+    from .cli import CLIError
 
-    shipped = tasks.default_model_dir()
-    if (shipped / "config.json").is_file():
-        return shipped
-    path = Path(tempfile.gettempdir()) / "surelock_fx-untrained-demo"
-    print(f"note: no trained model ships in {shipped}; using an untrained random model at {path} "
-          "(accuracies are meaningless, FLOPs and timing are real)")
+    path = tasks.default_model_dir()
     if not (path / "config.json").is_file():
-        tokenizer = tasks.build_tokenizer()
-        config = LLaDAConfig(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, vocab_size=len(tokenizer),
-                             rope_theta=10000.0, max_sequence_length=512, **tasks.special_token_ids(tokenizer))
-        torch.manual_seed(0)
-        save_model(LLaDAModel(config), path)
-        tokenizer.save_pretrained(path)
+        raise CLIError(f"the shipped model is missing from {path} (an incomplete install?); reinstall "
+                       "surelock_fx or pass --model DIR")
     return path
 
 

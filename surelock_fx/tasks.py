@@ -1,4 +1,4 @@
-"""Synthetic tasks with exact answers, a character-level tokenizer, and dense-accuracy evaluation.
+"""Synthetic tasks with exact answers and a character-level tokenizer, for the shipped trained model.
 
 These exist so that locking (skipping converged tokens) can be judged for *quality* on a real,
 trained masked-diffusion model that ships with the package (``default_model_dir()``), without
@@ -10,7 +10,6 @@ task         example prompt                      answer
 ``add``      ``"482+077="``                      ``"0559"``
 ``sort``     ``"sort jbmfa"``                    ``"abfjm"``
 ``reverse``  ``"rev k3x9q"``                     ``"q9x3k"``
-``lookup``   ``"a3 x7 m1 q9 ?xq"``               ``"79"``
 ``word``     ``"Ann has 7 pens, loses 3."``       ``"4"``
 ===========  ==================================  ==========
 
@@ -18,10 +17,10 @@ Sequence format (training and decoding alike, see ``encode_prompt``)::
 
     <|bos|> prompt characters <|eot|>  |  answer characters <|eos|> <|eos|> ... (GEN_LENGTH tokens)
 
-The answer region is always ``GEN_LENGTH`` tokens: the answer followed by EOS padding, as in
-LLaDA's SFT. The tokenizer's chat template produces the same prompt ids, so that
-``surelock_fx.evaluate`` (which encodes prompts with the chat template) decodes exactly what
-training saw.
+The answer region is ``GEN_LENGTH`` tokens: the answer followed by EOS padding, as in LLaDA's SFT
+(training also pads a share of its steps to longer regions, so that longer gen_lengths decode).
+The tokenizer's chat template produces the same prompt ids, so ``surelock_fx.evaluate`` (which
+encodes prompts with the chat template) decodes exactly what training saw.
 
 Default decode settings of the shipped model (``DEFAULT_DECODE``): ``gen_length=16, steps=16,
 block_length=16`` (one block, one token per step: the setting the SureLock paper uses),
@@ -35,7 +34,7 @@ import string
 from pathlib import Path
 from typing import Callable
 
-TASKS = ("add", "sort", "reverse", "lookup", "word")
+TASKS = ("add", "sort", "reverse", "word")
 
 GEN_LENGTH = 16
 MAX_ANSWER_CHARS = 12
@@ -83,16 +82,6 @@ def _reverse(rng: random.Random) -> tuple[str, str]:
     return f"rev {s}", s[::-1]
 
 
-def _lookup(rng: random.Random) -> tuple[str, str]:
-    """3-5 key-digit pairs with distinct keys, then 1-2 queried keys: answer their digits."""
-    keys = rng.sample(string.ascii_lowercase, rng.randint(3, 5))
-    values = [rng.choice(string.digits) for _ in keys]
-    table = dict(zip(keys, values))
-    queries = [rng.choice(keys) for _ in range(rng.randint(1, 2))]
-    pairs = " ".join(k + v for k, v in zip(keys, values))
-    return f"{pairs} ?{''.join(queries)}", "".join(table[q] for q in queries)
-
-
 def _word(rng: random.Random) -> tuple[str, str]:
     """One-step word problems: a count that grows or shrinks."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
@@ -105,7 +94,7 @@ def _word(rng: random.Random) -> tuple[str, str]:
 
 
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "add": _add, "sort": _sort, "reverse": _reverse, "lookup": _lookup, "word": _word,
+    "add": _add, "sort": _sort, "reverse": _reverse, "word": _word,
 }
 
 
