@@ -3,7 +3,7 @@
     python benchmarks/make_report.py [--results results/] [--output BENCHMARKS.md] [--figures benchmarks/figures]
 
 Reads ``step_latency.json``, ``decode_e2e.json`` and ``overhead.json`` from ``--results`` (each
-optional), redraws their plots into ``--figures`` and writes the report: settings and machine,
+optional), redraws their plots into ``--figures`` (with a copy of the JSON) and writes the report: settings and machine,
 the targets and whether they are met, tables, plots, and the comparison with the paper's numbers.
 With ``--readme`` (default when writing the default output), the block between
 ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` in README.md gets the headline
@@ -12,6 +12,7 @@ numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -100,7 +101,7 @@ def target_rows(data: dict) -> list[list]:
                 rows.append([f"efficiency >= 0.9 wherever M/N >= 0.1 (graph step, {backend})",
                              f"min {f2(worst['efficiency'])} (N={worst['seq']}, M/N={f2(worst['fraction'])}){where}",
                              "met" if not bad else "**not met**"])
-        half = sl["targets"].get("inductor_locked_half_vs_eager_dense") or []
+        half = sl["targets"].get("locked_half_vs_eager_dense") or []
         for backend in sorted({h.get("backend", "inductor") for h in half}):
             hs = [h for h in half if h.get("backend", "inductor") == backend]
             rows.append([f"{backend} locked >= 2x eager dense at FLOPs ratio ~0.5 (graph step, M/N = 0.5)",
@@ -421,6 +422,7 @@ def main(argv=None):
     for name, module in modules.items():
         if name in data:
             figures[name] = __import__(module).plot(data[name], args.figures)
+            (args.figures / f"{name}.json").write_text(json.dumps(data[name], indent=1) + "\n")  # versioned with it
     args.output.write_text(render(data, figures, args.output))
     if args.readme:
         update_readme(headline(data))

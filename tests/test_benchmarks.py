@@ -260,6 +260,8 @@ def test_make_report(out):
     report = out / "REPORT.md"
     make_report.main(["--results", str(out), "--output", str(report), "--figures", str(out / "figures"), "--no-readme"])
     text = report.read_text()
+    for name in ("step_latency", "decode_e2e", "overhead"):
+        assert common.read_json(out / "figures" / f"{name}.json") == common.read_json(out / f"{name}.json")
     for heading in ("## Machine and settings", "## Targets", "## Per-step latency", "## End-to-end decoding",
                     "## Overheads", "## Comparison with the paper"):
         assert heading in text
