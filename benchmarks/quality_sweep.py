@@ -253,7 +253,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=common.FIGURES / "quality",
                         help="where quality.json and the plots go (default: benchmarks/figures/quality)")
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md's table")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the other benchmarks)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result = sweep(args)
     (args.out / "quality.json").write_text(json.dumps(result, indent=1))

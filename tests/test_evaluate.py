@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from surelock_fx import tasks
 from surelock_fx.cli import main
 from surelock_fx.evaluate import DecodeRun, compare
 from surelock_fx.sampler import DecodeStats
@@ -62,3 +63,20 @@ def test_eval_reads_a_jsonl_task_file(checkpoint, tmp_path):
 def test_eval_rejects_an_unknown_task(checkpoint, capsys):
     assert main(["eval", "--model", str(checkpoint), "--task", "chess"]) == 2
     assert "neither a built-in task" in capsys.readouterr().err
+
+
+def test_demo_runs_the_shipped_model_dense_and_locked(capsys):
+    assert main(["demo", "--n", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:] if line.split()}
+    assert set(rows) == set(tasks.TASKS)
+    for cells in rows.values():
+        acc_dense, acc_locked, flops = float(cells[3]), float(cells[4]), float(cells[6])
+        assert acc_dense >= 0.75 and acc_locked >= 0.75, "the shipped model solves its tasks"
+        assert flops < 1, "locking skips work"
+
+
+def test_demo_without_the_shipped_model_says_what_is_missing(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(tasks, "default_model_dir", lambda: tmp_path)
+    assert main(["demo", "--n", "1"]) == 2
+    assert "shipped model is missing" in capsys.readouterr().err
