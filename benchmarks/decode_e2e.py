@@ -325,9 +325,10 @@ def interpolated_total(points: list[int], times: list[float], steps: int) -> flo
 
 def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot,
             exact: bool):
-    """Compile the inductor variants for this shape, untimed: a full-width and a mid-decode pass, on an
-    inference-mode tensor (as every sampled step and every step of generate() but its first) and, for
-    exact configurations, on a plain tensor too (generate's first step): dynamo guards on the difference."""
+    """Compile the inductor variants for this shape, untimed: the lock rule's KL, a full-width and a
+    mid-decode pass, on an inference-mode tensor (as every sampled step and every step of generate()
+    but its first) and, for exact configurations, on a plain tensor too (generate's first step):
+    dynamo guards on the difference."""
     with torch.inference_mode():
         kinds = [x0.clone()] + ([x0] if exact else [])
         for v in variants.values():
@@ -337,6 +338,8 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
                 if v.kind == "dense":
                     decode_step(model_forward(v.model), x, mask_id, eos, eot)
                     continue
+                for rows in (1, 2):  # the lock rule's compiled KL: dynamo specialises a single candidate row
+                    v.model.kl(*torch.zeros(2, rows, v.model.config.vocab_size))
                 runner = v.model.decode_runner(lock, DecodeStats())
                 decode_step(runner, x, mask_id, eos, eot)
                 t = steps // 2

@@ -302,9 +302,10 @@ def notes(data: dict) -> str:
                 f"{r['backend']} N={r['seq']} M/N={f2(r['fraction'])} ({f2(r['efficiency'])})" for r in low)
                 + ". The cause is a per-pass cost that does not shrink with M (fitted intercept "
                 + ", ".join(f"{f['backend']} N={f['seq']}: {f1(f['fixed_s'] * 1e3)} ms" for f in fits)
-                + "): GEMMs with few rows run far below the throughput of large ones (see the GEMM probe: every "
-                "pass streams all weights whatever M is, and the BLAS kernels need a hundred rows or more to reach "
-                "full speed), and the functional K/V-cache scatter copies the caches of all N rows in every layer. "
+                + "): GEMMs with few rows run far below the throughput of large ones (every pass streams all "
+                "weights whatever M is), and the functional K/V-cache scatter copies the caches of all N rows in "
+                "every layer. Where ONNX Runtime runs the same locked graph with a smaller intercept, the "
+                "difference is the executor's, not the rewrite's. "
                 "It is about the same cost at every N, so it weighs less as N or B grows (rows needed for 0.9 in "
                 "the table).")
         else:
@@ -330,8 +331,9 @@ def notes(data: dict) -> str:
             lo, hi = min(effs, key=lambda e: e[0]), max(effs, key=lambda e: e[0])
             items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
                          f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, G={hi[2]['gen_length']}). "
-                         "It is below the graph-level efficiency because a decode step also runs the sampler on the "
-                         "full [B, N, V] logits (not reduced by locking) and the runtime's bookkeeping, and because "
+                         "It is below the graph-level efficiency because a decode step also runs the sampler (an "
+                         "argmax over every position's logits, a softmax over the block's masked positions; not "
+                         "reduced by locking) and the runtime's bookkeeping, and because "
                          "the active rows of a step (masked rows plus the few not yet locked) are few at the end of "
                          "a decode, where small-M passes are least efficient.")
     if sl and e2e:
@@ -349,7 +351,7 @@ def notes(data: dict) -> str:
         book = [st["bookkeeping_share"] for st in steps]
         samp = [st["sampler_share"] for st in steps]
         items.append(f"Runner bookkeeping takes {pct(min(book))}–{pct(max(book))} of a decode step and the sampler's "
-                     f"own work on the full [B, N, V] logits {pct(min(samp))}–{pct(max(samp))} (the sampler runs "
+                     f"own work {pct(min(samp))}–{pct(max(samp))} (the sampler runs "
                      "unchanged for dense decoding too, so it caps the end-to-end speedup). The first runtime's "
                      "bookkeeping on the same tensors took "
                      f"{f1(min(st['legacy_bookkeeping_s'] for st in steps) * 1e3)}–"

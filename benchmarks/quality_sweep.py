@@ -169,10 +169,10 @@ def plot(result: dict, out: Path) -> list[Path]:
     for label, points in result["bound"].items():
         if points:
             kl, drift = zip(*points)
-            ax.scatter([max(k, 1e-12) for k in kl], drift, s=8, alpha=0.5, label=label.split(" | ")[1])
+            ax.scatter([max(k, 1e-12) for k in kl], drift, s=8, alpha=0.5, label=label)
     ax.set(xscale="log", yscale="log", xlabel="KL at lock time", ylabel="max |frozen log p - final dense log p|",
            title="Frozen predictions vs the dense model at the end")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     paths.append(_save(fig, out / "lock_bound.png"))
     return paths
 
