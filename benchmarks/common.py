@@ -229,18 +229,13 @@ class OrtDense:
 
         import onnxruntime as ort
 
-        from surelock_fx.capture import LogitsModule
+        from surelock_fx.capture import export_logits
         from surelock_fx.export import run_bound
 
         self._run = run_bound
         self._tmp = tempfile.TemporaryDirectory(prefix="surelock_dense_onnx_")
         path = Path(self._tmp.name) / "dense.onnx"
-        ids = torch.zeros(2, 8, dtype=torch.long)
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
-        with torch.no_grad():
-            program = torch.export.export(LogitsModule(model.eval()), (ids, torch.arange(8).expand(2, 8)),
-                                          dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
-        onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=["input_ids", "position_ids"],
+        onnx_program = torch.onnx.export(export_logits(model), (), dynamo=True, input_names=["input_ids", "position_ids"],
                                          output_names=["logits"], verbose=False)
         onnx_program.save(str(path), external_data=True)
         self.session = ort.InferenceSession(str(path), sess_options=ort_session_options(),

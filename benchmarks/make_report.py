@@ -102,8 +102,8 @@ def target_rows(data: dict) -> list[list]:
                              f"min {f2(worst['efficiency'])} (N={worst['seq']}, M/N={f2(worst['fraction'])}){where}",
                              "met" if not bad else "**not met**"])
         half = sl["targets"].get("locked_half_vs_eager_dense") or []
-        for backend in sorted({h.get("backend", "inductor") for h in half}):
-            hs = [h for h in half if h.get("backend", "inductor") == backend]
+        for backend in sorted({h["backend"] for h in half}):
+            hs = [h for h in half if h["backend"] == backend]
             rows.append([f"{backend} locked >= 2x eager dense at FLOPs ratio ~0.5 (graph step, M/N = 0.5)",
                          ", ".join(f"N={h['seq']}: {f2(h['speedup'])}x" for h in hs),
                          "met" if min(h["speedup"] for h in hs) >= 2 else "**not met**"])
@@ -189,11 +189,6 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
         out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)", "rows for efficiency 0.9"],
                          [[f["backend"], f["seq"], f1(f["fixed_s"] * 1e3), pct(f["fixed_share"]), f2(f["per_row_s"] * 1e3),
                            "–" if f["rows_for_0_9"] is None else f"{f['rows_for_0_9']:.0f}"] for f in fits]))
-    probe = d.get("gemm_probe")
-    if probe:
-        out.append(f"GEMM throughput against its row count on this machine (one linear of the LM head's shape, "
-                   f"{m['d_model']} -> {m['vocab_size']}, fp32, same run): "
-                   + ", ".join(f"{g['rows']} rows {f1(g['gflops'])} GFLOPS" for g in probe) + ".")
     out += [f"![step latency]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 

@@ -31,18 +31,22 @@ class LogitsModule(torch.nn.Module):
         return getattr(out, "logits", out)
 
 
-def capture(model: torch.nn.Module) -> fx.GraphModule:
-    """torch.export the model with dynamic batch and sequence length, as a flat inference graph."""
+def export_logits(model: torch.nn.Module) -> torch.export.ExportedProgram:
+    """torch.export ``(input_ids, position_ids) -> logits`` with dynamic batch and sequence length."""
     device = next(model.parameters()).device
     ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
     positions = torch.arange(EXAMPLE_SEQ, device=device).expand(EXAMPLE_BATCH, -1).contiguous()
     batch, seq = Dim("batch"), Dim("seq", min=2)
     shapes = {"input_ids": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
     with torch.no_grad():
-        program = torch.export.export(
+        return torch.export.export(
             LogitsModule(model.eval()), (), {"input_ids": ids, "position_ids": positions}, dynamic_shapes=shapes
         )
-    gm = program.run_decompositions({}).module()
+
+
+def capture(model: torch.nn.Module) -> fx.GraphModule:
+    """torch.export the model with dynamic batch and sequence length, as a flat inference graph."""
+    gm = export_logits(model).run_decompositions({}).module()
     for node in list(gm.graph.nodes):  # export's input-guard module is not part of the computation
         if node.op == "call_module" and not node.users:
             gm.graph.erase_node(node)
