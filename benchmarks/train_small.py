@@ -81,7 +81,7 @@ def make_model(args, tokenizer) -> LLaDAModel:
     config = LLaDAConfig(
         d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
         mlp_hidden_size=args.mlp_hidden, vocab_size=len(tokenizer), rope_theta=10000.0,
-        max_sequence_length=256, **special_token_ids(tokenizer),
+        max_sequence_length=512, **special_token_ids(tokenizer),  # prompt + the longest answer region
     )
     # PyTorch's default initialisation (embeddings N(0, 1), Kaiming-uniform linears): in pilots a
     # GPT-style N(0, 0.02) initialisation left this tiny model on its plateau far longer.
