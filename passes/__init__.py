@@ -1,6 +1,7 @@
 """Graph -> graph FX passes: pure functions of a GraphModule, no runtime state."""
 from .detach_full_attention_masks import detach_full_attention_masks
 from .lock_rows import CacheSpec, cache_specs, is_locked, lock_rows
+from .prepack_linear_weights import prepack_linear_weights
 from .remove_metadata_asserts import remove_metadata_asserts
 from .row_analysis import UnsupportedGraphError, check_row_wise
 
@@ -12,5 +13,6 @@ __all__ = [
     "detach_full_attention_masks",
     "is_locked",
     "lock_rows",
+    "prepack_linear_weights",
     "remove_metadata_asserts",
 ]

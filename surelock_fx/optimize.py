@@ -1,6 +1,7 @@
 """``surelock_fx.optimize``: capture, rewrite and compile a model for locked decoding."""
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -9,12 +10,26 @@ from torch import fx
 from .capture import capture
 from .export import backend_graph, check_backend
 from .lock import LockConfig, kl_divergence
-from .passes import cache_specs, lock_rows
+from .passes import cache_specs, lock_rows, prepack_linear_weights
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
+# Inductor freezes the weights into the compiled graph as constants, which lets it prepack them for
+# oneDNN (its CPU weight-packing pass; with a dynamic row count it picks oneDNN's packed GEMM).
+INDUCTOR_OPTIONS = {"freezing": True}
+
+
+def compile_graph(gm: fx.GraphModule, backend: str):
+    """The callable that runs ``gm`` for an in-process backend: "eager" runs a copy of it with its CPU
+    linear weights packed once (passes.prepack_linear_weights), "inductor" compiles it with
+    torch.compile (dynamic shapes, frozen weights: later changes to the model's weights are not seen)."""
+    if backend == "inductor":
+        return torch.compile(gm, dynamic=True, options=INDUCTOR_OPTIONS)
+    if backend == "eager":
+        return prepack_linear_weights(fx.GraphModule(gm, copy.deepcopy(gm.graph)))  # gm stays exportable
+    raise ValueError(f"not an in-process backend: {backend!r}")
 
 
 class OptimizedModel(torch.nn.Module):
@@ -33,7 +48,7 @@ class OptimizedModel(torch.nn.Module):
         self.backend = backend
         self.bucket = bucket
         self.compile_seconds = compile_seconds
-        self.compiled = torch.compile(locked, dynamic=True) if backend == "inductor" else locked
+        self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend)
         # The lock rule's full-vocabulary KL costs about as much per row as the LM head; inductor
         # fuses its softmaxes and reduction into one pass.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
@@ -50,8 +65,9 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, ex
              **backend_options) -> OptimizedModel:
     """Capture ``model`` with torch.export, rewrite it to compute only active rows, and compile it.
 
-    backend: "eager" runs the rewritten graph as is; "inductor" compiles it with torch.compile
-    (dynamic shapes, compiled on first use); "onnxruntime" exports it to ONNX (into ``export_dir``,
+    backend: "eager" runs the rewritten graph with its CPU linear weights packed once for oneDNN;
+    "inductor" compiles it with torch.compile (dynamic shapes, frozen weights, compiled on first
+    use); "onnxruntime" exports it to ONNX (into ``export_dir``,
     else a temporary directory) and runs it in ONNX Runtime sessions (CUDA provider if available);
     "tensorrt" builds TensorRT engines (torch-tensorrt, CUDA; saved to ``export_dir`` if given).
     backend_options: for "tensorrt" the ranges and settings of ``surelock_fx.export_tensorrt``,

@@ -1,0 +1,61 @@
+"""Pack constant CPU linear weights once into oneDNN's blocked layout."""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+LINEAR = torch.ops.aten.linear.default
+PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+ROWS_HINT = 64  # oneDNN picks the blocked layout for this many rows; any row count runs on it
+
+
+def _packable_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The constant weight of ``node`` if it is a linear oneDNN can run from a packed copy, else None."""
+    if node.target is not LINEAR or node.args[1].op != "get_attr":
+        return None
+    weight = operator.attrgetter(node.args[1].target)(gm)
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
+        return None
+    x = node.args[0].meta.get("val")
+    if x is None or x.dtype != weight.dtype:
+        return None
+    return weight
+
+
+def prepack_linear_weights(gm: fx.GraphModule) -> fx.GraphModule:
+    """Run every CPU linear with a constant float32/bfloat16 weight on a copy of that weight packed once
+    for oneDNN (``mkldnn._linear_pointwise``), instead of BLAS repacking it on every call.
+
+    Packed GEMMs keep their speed down to a few rows, where a plain ``aten.linear`` does not, which
+    is what the locked graph runs at small active fractions. Preconditions: weights are get_attr
+    constants with ``meta["val"]`` on their inputs (torch.export); other devices and dtypes, weights
+    computed in the graph, and builds of torch without oneDNN are left unchanged. The packed copies
+    are non-persistent buffers in oneDNN's opaque layout (not in the state dict, not movable to
+    another device), so the pass is for running a graph on this CPU, not for exporting it.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return gm
+    packed: dict[str, str] = {}  # weight attribute -> its packed copy's attribute
+    for node in list(gm.graph.nodes):
+        weight = _packable_weight(gm, node)
+        if weight is None:
+            continue
+        source = node.args[1].target
+        if source not in packed:
+            packed[source] = f"_packed_{source.replace('.', '_')}"
+            gm.register_buffer(packed[source], torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT),
+                               persistent=False)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with gm.graph.inserting_before(node):
+            weight_node = gm.graph.get_attr(packed[source])
+            new = gm.graph.call_function(PACKED_LINEAR, (node.args[0], weight_node, bias, "none", [], ""))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
