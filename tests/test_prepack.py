@@ -1,0 +1,109 @@
+"""prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unpacked graph,
+and the compiled backends (eager with packed weights, inductor with frozen ones) against the locking semantics."""
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from surelock_fx.capture import capture
+from surelock_fx.optimize import compile_graph
+from surelock_fx.passes import cache_specs, lock_rows, prepack_linear_weights
+from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
+
+from helpers import tiny_model
+from test_passes import check_against_reference, compiled_with_specs
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
+                                reason="prepacking needs a torch build with oneDNN (mkldnn)")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def counts(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def locked_inputs(gm, B, N, M, gen, dtype):
+    index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
+    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen).to(dtype) for s in cache_specs(gm)]
+    return (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
+            torch.ones(B, N, dtype=torch.bool), *caches)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3, n_layers=2, n_kv_heads=2)
+
+
+def test_every_linear_runs_on_a_packed_weight(model):
+    gm = lock_rows(capture(model))
+    linears = counts(gm)[LINEAR]
+    packed = prepack_linear_weights(gm)
+    packed.graph.lint()
+    assert linears == 7 * model.config.n_layers + 1
+    assert counts(packed)[LINEAR] == 0 and counts(packed)[PACKED_LINEAR] == linears
+    buffers = dict(packed.named_buffers())
+    assert sum(name.startswith("_packed_") for name in buffers) == linears
+    assert all(b.layout == torch._mkldnn for name, b in buffers.items() if name.startswith("_packed_"))
+    assert not any(key.startswith("_packed_") for key in packed.state_dict())  # not persistent
+
+
+def test_second_run_changes_nothing(model):
+    gm = prepack_linear_weights(lock_rows(capture(model)))
+    code, buffers = gm.code, len(list(gm.buffers()))
+    assert prepack_linear_weights(gm).code == code
+    assert len(list(gm.buffers())) == buffers
+
+
+def test_float64_graph_is_left_alone():
+    gm = capture(tiny_model(seed=4).double())
+    before = counts(gm)
+    assert counts(prepack_linear_weights(gm)) == before
+
+
+def test_weight_computed_in_the_graph_is_left_alone():
+    class ScaledWeight(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 4))
+
+        def forward(self, x):
+            return F.linear(x, self.weight * 2)
+
+    gm = torch.export.export(ScaledWeight(), (torch.randn(3, 4),)).run_decompositions({}).module()
+    assert counts(prepack_linear_weights(gm))[LINEAR] == 1
+
+
+def test_without_onednn_nothing_changes(model, monkeypatch):
+    gm = lock_rows(capture(model))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert counts(prepack_linear_weights(gm))[LINEAR] == 7 * model.config.n_layers + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, N, M", [(1, 9, 1), (3, 11, 11), (2, 16, 5)])
+def test_packed_graph_matches_unpacked(dtype, B, N, M):
+    model = tiny_model(seed=B * 100 + N + M).to(dtype)
+    gm = lock_rows(capture(model))
+    packed = compile_graph(gm, "eager")
+    gen = torch.Generator().manual_seed(B * N * M)
+    inputs = locked_inputs(gm, B, N, M, gen, dtype)
+    with torch.no_grad():
+        expected, got = gm(*inputs), packed(*inputs)
+    tol = TOLERANCE[dtype]
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
+def test_compile_graph_leaves_its_input_exportable(model):
+    gm = lock_rows(capture(model))
+    code = gm.code
+    compile_graph(gm, "eager")
+    assert gm.code == code and counts(gm)[PACKED_LINEAR] == 0
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_compiled_backends_match_reference_semantics(backend):
+    model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
+    gm = lock_rows(capture(model))
+    check_against_reference(model, compiled_with_specs(compile_graph(gm, backend), gm), 3, 10, [2, 10, 0], seed=9)
