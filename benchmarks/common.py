@@ -197,17 +197,36 @@ def cfg_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def compiled_dense(model, backend: str, dynamic: bool = False):
-    """The dense baseline of a backend: the plain model (eager), ``torch.compile`` of it (inductor;
-    static shapes by default, one compilation per shape, the strongest baseline), or its ONNX export
-    in an ONNX Runtime session (onnxruntime)."""
-    if backend == "eager":
+def compiled_dense(model, backend: str):
+    """The dense baseline of a backend: what ``surelock_fx.optimize`` runs, minus the locking rewrite.
+
+    "eager": the captured graph with its linear weights packed (``compile_graph``); "inductor":
+    torch.compile of it (dynamic shapes, frozen weights); "onnxruntime": the plain model exported to
+    ONNX in an ONNX Runtime session; "plain": the model itself in PyTorch eager, what a user runs
+    without surelock_fx. Each is called as ``dense(input_ids) -> logits``.
+    """
+    if backend == "plain":
         return model
-    if backend == "inductor":
-        return torch.compile(model, dynamic=dynamic)
     if backend == "onnxruntime":
         return OrtDense(model)
-    raise ValueError(f"unknown backend {backend!r}")
+    return DenseGraph(model, backend)
+
+
+class DenseGraph:
+    """The captured dense graph compiled like the locked one (``surelock_fx.optimize.compile_graph``)."""
+
+    def __init__(self, model, backend: str):
+        from surelock_fx.capture import capture
+        from surelock_fx.optimize import compile_graph
+
+        self.config = model.config
+        self.graph = compile_graph(capture(model), backend)
+
+    def __call__(self, input_ids, attention_mask=None):
+        if attention_mask is not None:
+            raise ValueError("the dense graph baseline decodes without an attention mask")
+        B, N = input_ids.shape
+        return self.graph(input_ids=input_ids, position_ids=torch.arange(N).expand(B, N))
 
 
 def ort_session_options():
