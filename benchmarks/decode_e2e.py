@@ -15,9 +15,11 @@
    work (active index, graph, KL on the candidate rows, logits store); the replay only decides
    which rows are locked, so the active-fraction curve is the recorded one whatever the random
    model predicts. Sampler: LLaDA's, one block, steps = G, temperature 0, low_confidence.
-3. **Time four variants** on identical schedules: dense eager (the plain model), dense inductor
-   (``torch.compile(model, dynamic=True)``), locked eager and locked inductor
-   (``surelock_fx.optimize(model, backend, bucket)``).
+3. **Time five variants** on identical schedules: locked eager and locked inductor
+   (``surelock_fx.optimize(model, backend, bucket)``), the dense baseline of each of these backends
+   (the same pipeline without the locking rewrite, ``common.compiled_dense``: eager with packed
+   linear weights, inductor with frozen weights), and the plain model in PyTorch eager (what a user
+   runs without surelock_fx).
    * ``exact`` configurations run whole decodes through ``surelock_fx.generate``;
    * ``sampled`` configurations (whole decodes would take hours on a CPU: a decode costs
      O(G * B * (P + G)) row passes) time K complete decode steps (runner or model forward, plus the
@@ -28,7 +30,8 @@
 
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
-FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and inductor-locked against eager-dense.
+FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
+model (``speedup_vs_plain_<backend>``).
 Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 """
 from __future__ import annotations
@@ -51,7 +54,7 @@ from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special
 
 NAME = "decode_e2e"
 NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
-VARIANTS = ("dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
+VARIANTS = ("dense/plain", "dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
 FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=16, samples=6,
             exact=["1x64", "2x64"], variants=list(VARIANTS))
 QUICK = dict(preset="small", batches=[1], gens=[32, 64], prompt=16, bucket=8, samples=4, exact=[],
@@ -280,9 +283,7 @@ class Variant:
     def __init__(self, name: str, model, optimized: dict):
         self.name = name
         self.kind, self.backend = name.split("/")
-        # dense inductor: dynamic shapes like the locked graph (static would recompile for every
-        # (B, N) and exceed dynamo's recompilation limit over the grid)
-        self.model = optimized[self.backend] if self.kind == "locked" else common.compiled_dense(model, self.backend, dynamic=True)
+        self.model = optimized[self.backend] if self.kind == "locked" else common.compiled_dense(model, self.backend)
 
 
 def build_variants(model, names, bucket: int) -> dict:
@@ -447,8 +448,8 @@ def run(args) -> dict:
             if d and l:
                 row[f"speedup_{b}"] = d / l
                 row[f"efficiency_{b}"] = d / l / row["ideal_speedup"][b]
-        if times.get("dense/eager") and times.get("locked/inductor"):
-            row["speedup_inductor_locked_vs_eager_dense"] = times["dense/eager"] / times["locked/inductor"]
+            if times.get("dense/plain") and l:
+                row[f"speedup_vs_plain_{b}"] = times["dense/plain"] / l
         results.append(row)
         bar.update()
     bar.close()
@@ -469,10 +470,10 @@ def targets(results: list[dict]) -> dict:
         out[f"never_slower_than_dense_{backend}"] = None if not vals else all(v >= 1 for v in vals)
     eff = [r[f"efficiency_{b}"] for r in results for b in ("eager", "inductor") if f"efficiency_{b}" in r]
     out["min_efficiency"] = min(eff, default=None)
-    near_half = [r for r in results if 0.4 <= r["flops_ratio"] <= 0.6 and "speedup_inductor_locked_vs_eager_dense" in r]
-    out["inductor_locked_vs_eager_dense_at_flops_ratio_0_4_to_0_6"] = [
+    near_half = [r for r in results if 0.4 <= r["flops_ratio"] <= 0.6 and "speedup_vs_plain_inductor" in r]
+    out["inductor_locked_vs_plain_at_flops_ratio_0_4_to_0_6"] = [
         dict(batch=r["batch"], gen_length=r["gen_length"], flops_ratio=r["flops_ratio"],
-             speedup=r["speedup_inductor_locked_vs_eager_dense"]) for r in near_half]
+             speedup=r["speedup_vs_plain_inductor"]) for r in near_half]
     return out
 
 
@@ -485,10 +486,11 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     for ax, G in zip(axes[0], gens):
         pts = sorted((r for r in rows if r["gen_length"] == G), key=lambda r: r["batch"])
         Bs = [r["batch"] for r in pts]
-        for key, style in (("speedup_eager", "o-"), ("speedup_inductor", "s-"),
-                           ("speedup_inductor_locked_vs_eager_dense", "^--")):
+        for key, style, label in (("speedup_eager", "o-", "eager: locked / dense"),
+                                  ("speedup_inductor", "s-", "inductor: locked / dense"),
+                                  ("speedup_vs_plain_inductor", "^--", "locked inductor / plain eager model")):
             if all(key in r for r in pts):
-                ax.plot(Bs, [r[key] for r in pts], style, label=key.replace("speedup_", "").replace("_", " "))
+                ax.plot(Bs, [r[key] for r in pts], style, label=label)
         ax.plot(Bs, [r["flops_dense"] / r["flops_locked"] for r in pts], "k:", label="ideal (FLOPs)")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xscale="log", xticks=Bs, xticklabels=[str(b) for b in Bs], xlabel="batch size B",

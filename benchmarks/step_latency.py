@@ -152,6 +152,7 @@ def run(args) -> dict:
                                 t_dense_s=td, t_locked_s=tl, t_plain_s=tp, speedup_vs_plain=tp / tl,
                                 flops_dense=flops_dense, flops_locked=flops_locked,
                                 dense_times_s=t_dense[(backend, N)], locked_times_s=t_locked[(backend, N, M)],
+                                plain_times_s=t_plain[N],
                                 **common.efficiency(td, tl, flops_dense, flops_locked)))
     crossovers = [dict(backend=b, seq=N, fraction=crossover([r for r in results if r["backend"] == b and r["seq"] == N]))
                   for b, N in jobs]

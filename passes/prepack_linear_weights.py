@@ -26,11 +26,12 @@ def _packable_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
 
 
 def prepack_linear_weights(gm: fx.GraphModule) -> fx.GraphModule:
-    """Run every CPU linear with a constant float32/bfloat16 weight on a copy of that weight packed once
-    for oneDNN (``mkldnn._linear_pointwise``), instead of BLAS repacking it on every call.
+    """Run every CPU linear with a constant float32/bfloat16 weight through oneDNN
+    (``mkldnn._linear_pointwise``) on a copy of that weight packed once into oneDNN's blocked layout.
 
-    Packed GEMMs keep their speed down to a few rows, where a plain ``aten.linear`` does not, which
-    is what the locked graph runs at small active fractions. Preconditions: weights are get_attr
+    On the CPUs measured (benchmarks/step_latency.py), the packed GEMM keeps its throughput down to
+    a few rows, where ``aten.linear``'s BLAS GEMM loses up to half of it; few rows are what the locked
+    graph runs at small active fractions. Preconditions: weights are get_attr
     constants with ``meta["val"]`` on their inputs (torch.export); other devices and dtypes, weights
     computed in the graph, and builds of torch without oneDNN are left unchanged. The packed copies
     are non-persistent buffers in oneDNN's opaque layout (not in the state dict, not movable to

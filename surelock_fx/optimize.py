@@ -6,6 +6,7 @@ import time
 
 import torch
 from torch import fx
+from torch._inductor import config as inductor_config
 
 from .capture import capture
 from .export import backend_graph, check_backend
@@ -16,9 +17,20 @@ from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
-# Inductor freezes the weights into the compiled graph as constants, which lets it prepack them for
-# oneDNN (its CPU weight-packing pass; with a dynamic row count it picks oneDNN's packed GEMM).
-INDUCTOR_OPTIONS = {"freezing": True}
+
+
+class FrozenInductor:
+    """``torch.compile(gm, dynamic=True)`` whose compilations freeze the weights into the graph as
+    constants, which lets inductor pack them for oneDNN (its CPU weight-packing pass picks oneDNN's
+    packed GEMM for a dynamic row count). Dynamo reads inductor's ``freezing`` flag when it traces,
+    and any call with new shapes may trace, so the flag is set around every call, not globally."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.compiled = torch.compile(gm, dynamic=True)
+
+    def __call__(self, *args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 def compile_graph(gm: fx.GraphModule, backend: str):
@@ -26,7 +38,7 @@ def compile_graph(gm: fx.GraphModule, backend: str):
     linear weights packed once (passes.prepack_linear_weights), "inductor" compiles it with
     torch.compile (dynamic shapes, frozen weights: later changes to the model's weights are not seen)."""
     if backend == "inductor":
-        return torch.compile(gm, dynamic=True, options=INDUCTOR_OPTIONS)
+        return FrozenInductor(gm)
     if backend == "eager":
         return prepack_linear_weights(fx.GraphModule(gm, copy.deepcopy(gm.graph)))  # gm stays exportable
     raise ValueError(f"not an in-process backend: {backend!r}")

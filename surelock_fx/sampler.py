@@ -164,8 +164,11 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     if logits_eos_inf and eos is not None:
         logits = logits.clone()
         logits[..., eos] = -torch.inf
-    x0 = proposals_argmax(add_gumbel_noise(logits, temperature, generator), mask_id)
-    # Only masked positions of the current block can be committed: their confidences alone are computed.
+    # Only masked positions take a proposal (the noise is still drawn for every position, as the
+    # reference draws it), and only those of the current block can be committed: their confidences
+    # alone are computed.
+    x0 = x.clone()
+    x0[mask_index] = proposals_argmax(add_gumbel_noise(logits, temperature, generator)[mask_index], mask_id)
     live = mask_index.clone()
     live[:, block_end:] = False
     x0_p = torch.full(x0.shape, -torch.inf, device=x0.device)
@@ -179,7 +182,7 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
         x0_p[live] = p.gather(-1, x0[live].unsqueeze(-1)).squeeze(-1)
     else:
         x0_p[live] = torch.rand(x0.shape, device=x0.device, generator=generator)[live]
-    return torch.where(mask_index, x0, x), x0_p
+    return x0, x0_p
 
 
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -71,8 +71,9 @@ def test_efficiency_is_speedup_over_ideal():
     assert close(e["speedup"], 4.0) and close(e["ideal_speedup"], 5.0) and close(e["efficiency"], 0.8)
 
 
-def test_onnxruntime_dense_baseline_matches_the_model(tiny):
-    dense = common.compiled_dense(tiny, "onnxruntime")
+@pytest.mark.parametrize("backend", ["eager", "inductor", "onnxruntime"])
+def test_dense_baseline_matches_the_model(tiny, backend):
+    dense = common.compiled_dense(tiny, backend)
     for B, N in ((1, 5), (3, 12)):
         ids = torch.randint(0, tiny.config.vocab_size, (B, N))
         with torch.no_grad():
@@ -103,6 +104,7 @@ def test_step_latency(out, tiny):
         assert close(r["ideal_speedup"], r["flops_dense"] / r["flops_locked"])
         assert close(r["efficiency"], r["speedup"] / r["ideal_speedup"])
         assert r["t_dense_s"] == min(r["dense_times_s"]) and r["t_locked_s"] == min(r["locked_times_s"])
+        assert r["t_plain_s"] == min(r["plain_times_s"]) and close(r["speedup_vs_plain"], r["t_plain_s"] / r["t_locked_s"])
     assert set(saved["compilations"]["eager/N=16"]) >= {"graphs", "recompiles"}
     assert (out / "step_latency_N16.png").stat().st_size > 0
 
@@ -137,7 +139,7 @@ def test_sample_points_and_interpolation():
 
 def test_decode_e2e(out):
     decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
-                              "--samples", "3", "--exact", "1x8", "--variants", "dense/eager", "locked/eager",
+                              "--samples", "3", "--exact", "1x8", "--variants", "dense/plain", "dense/eager", "locked/eager",
                               "--schedule-model", "random", *COMMON])
     saved = common.read_json(out / "decode_e2e.json")
     assert saved["benchmark"] == "decode_e2e" and "random-weight" in saved["schedule"]["source"]
@@ -150,13 +152,14 @@ def test_decode_e2e(out):
         assert len(r["active_fraction_curve"]) == G and r["active_fraction_curve"][0] == 1.0
         assert close(r["speedup_eager"], r["time_s"]["dense/eager"] / r["time_s"]["locked/eager"])
         assert close(r["efficiency_eager"], r["speedup_eager"] / r["ideal_speedup"]["eager"])
+        assert close(r["speedup_vs_plain_eager"], r["time_s"]["dense/plain"] / r["time_s"]["locked/eager"])
         for name, t in r["time_s"].items():
             assert close(r["tokens_per_s"][name], B * G / t)
-        assert set(r["sampled"]["step_times_s"]) == {"dense/eager", "locked/eager"}
+        assert set(r["sampled"]["step_times_s"]) == {"dense/plain", "dense/eager", "locked/eager"}
         assert r["sampled"]["points"][0] == 0 and r["sampled"]["points"][-1] == G - 1
         assert {"graphs", "recompiles"} <= set(r["compilations_timed"])
     exact = rows[(1, 8)]
-    for name in ("dense/eager", "locked/eager"):
+    for name in ("dense/plain", "dense/eager", "locked/eager"):
         assert close(exact["time_s"][name], exact["exact"][name]["time_s"])
         assert close(exact["estimator_error"][name], exact["sampled"]["time_s"][name] / exact["time_s"][name] - 1)
     run = exact["exact"]["locked/eager"]

@@ -107,3 +107,13 @@ def test_compiled_backends_match_reference_semantics(backend):
     model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
     gm = lock_rows(capture(model))
     check_against_reference(model, compiled_with_specs(compile_graph(gm, backend), gm), 3, 10, [2, 10, 0], seed=9)
+
+
+def test_inductor_backend_packs_every_linear(model):
+    from torch._dynamo.utils import counters
+
+    gm = lock_rows(capture(model))
+    before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
+    with torch.inference_mode():
+        compile_graph(gm, "inductor")(*locked_inputs(gm, 2, 9, 4, torch.Generator().manual_seed(0), torch.float32))
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == counts(gm)[LINEAR]
