@@ -55,7 +55,7 @@ from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special
 NAME = "decode_e2e"
 NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
 VARIANTS = ("dense/plain", "dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
-FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=16, samples=6,
+FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=6,
             exact=["1x64", "2x64"], variants=list(VARIANTS))
 QUICK = dict(preset="small", batches=[1], gens=[32, 64], prompt=16, bucket=8, samples=4, exact=[],
              variants=list(VARIANTS))
@@ -67,7 +67,9 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--gens", type=int, nargs="+", help="generation lengths G (steps = G, one block)")
     ap.add_argument("--prompt", type=int, help="prompt length P (random tokens)")
-    ap.add_argument("--bucket", type=int, help="optimize(bucket=...)")
+    ap.add_argument("--bucket", type=int, help="optimize(bucket=...): active counts padded up to a multiple of it "
+                                               "(default 1: exact; the inductor graph's M is dynamic, so every width "
+                                               "reuses its compiled graphs)")
     ap.add_argument("--samples", type=int, help="K: timed steps per sampled decode")
     ap.add_argument("--exact", nargs="*", help="BxG configurations decoded whole (others are sampled)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS)
@@ -324,28 +326,29 @@ def interpolated_total(points: list[int], times: list[float], steps: int) -> flo
     return total
 
 
-def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot,
-            exact: bool):
-    """Compile the inductor variants for this shape, untimed: the lock rule's KL, a full-width and a
-    mid-decode pass, on an inference-mode tensor (as every sampled step and every step of generate()
-    but its first) and, for exact configurations, on a plain tensor too (generate's first step):
-    dynamo guards on the difference."""
+def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
+    """Compile the inductor variants for this shape, untimed: the lock rule's KL (one and several
+    candidate rows), a full-width, a mid-decode and a single-row pass (dynamo specialises a size of 1,
+    and M = N at first sight through duck sizing)."""
     with torch.inference_mode():
-        kinds = [x0.clone()] + ([x0] if exact else [])
+        x = x0.clone()
         for v in variants.values():
             if v.backend != "inductor":
                 continue
-            for x in kinds:
-                if v.kind == "dense":
-                    decode_step(model_forward(v.model), x, mask_id, eos, eot)
-                    continue
-                for rows in (1, 2):  # the lock rule's compiled KL: dynamo specialises a single candidate row
-                    v.model.kl(*torch.zeros(2, rows, v.model.config.vocab_size))
-                runner = v.model.decode_runner(lock, DecodeStats())
-                decode_step(runner, x, mask_id, eos, eot)
-                t = steps // 2
-                runner.state.locked = plan.locked(state_at(plan, order, t)[1], t)
-                decode_step(runner, x, mask_id, eos, eot)
+            if v.kind == "dense":
+                decode_step(model_forward(v.model), x, mask_id, eos, eot)
+                continue
+            V = v.model.config.vocab_size
+            for rows in (1, 2):  # separate tensors: dynamo also specialises a storage offset of 0
+                v.model.kl(torch.zeros(rows, V), torch.zeros(rows, V))
+            runner = v.model.decode_runner(lock, DecodeStats())
+            decode_step(runner, x, mask_id, eos, eot)
+            t = steps // 2
+            runner.state.locked = plan.locked(state_at(plan, order, t)[1], t)
+            decode_step(runner, x, mask_id, eos, eot)
+            runner.state.locked = torch.ones_like(runner.state.locked)
+            runner.state.locked[:, -1] = False
+            decode_step(runner, x, mask_id, eos, eot)
 
 
 def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
@@ -425,7 +428,7 @@ def run(args) -> dict:
                    active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
         row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
         with common.count_compilations() as compiles:
-            warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot, exact=row["mode"] == "exact")
+            warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)
         row["compilations_warmup"] = compiles
         with common.count_compilations() as compiles:
             sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot)

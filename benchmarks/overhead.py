@@ -40,7 +40,7 @@ from surelock_fx.sampler import DecodeStats, select_topk, special_ids, step_cand
 NAME = "overhead"
 LABELS = ("surelock::index", "surelock::graph", "surelock::lock_update", "surelock::kl", "surelock::store_logits",
           "bench::runner", "bench::sampler")
-FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=16, points=5, reps=2, backends=["eager", "inductor"])
+FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=1, points=5, reps=2, backends=["eager", "inductor"])
 QUICK = dict(preset="small", batches=[1], gen=32, prompt=16, bucket=8, points=3, reps=1, backends=["eager", "inductor"])
 
 

@@ -236,8 +236,9 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
     forward = decode_forward(model, lock, stats)
     B, P = prompt_ids.shape
     device = prompt_ids.device
-    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
-    x[:, :P] = prompt_ids
+    with torch.inference_mode():  # every step's input an inference tensor: one compiled graph serves all
+        x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
+        x[:, :P] = prompt_ids
     if attention_mask is not None:
         attention_mask = torch.cat(
             [attention_mask.to(torch.long), torch.ones(B, gen_length, dtype=torch.long, device=device)], dim=1
