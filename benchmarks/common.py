@@ -188,9 +188,13 @@ def random_model(preset: str | dict, seed: int = 0, logit_scale: float = 3.0, **
 
 def describe_model(model) -> dict:
     cfg = model.config
+    embedding = model.model.transformer.wte.weight
     return dict(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                 mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=cfg.vocab_size,
-                parameters=sum(p.numel() for p in model.parameters()), dtype=str(cfg_dtype(model)))
+                parameters=sum(p.numel() for p in model.parameters()), dtype=str(cfg_dtype(model)),
+                # what every forward pass reads whatever its row count: all weights but the embedding table,
+                # of which it only gathers its rows
+                streamed_weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding))
 
 
 def cfg_dtype(model) -> torch.dtype:

@@ -162,8 +162,10 @@ def fixed_costs(d: dict) -> list[dict]:
             if len(pts) < 2:
                 continue
             a, b = linear_fit([(r["active_rows"] * r["batch"], r["t_locked_s"]) for r in pts])
+            streamed = d["model"].get("streamed_weight_bytes")
             out.append(dict(backend=backend, seq=N, fixed_s=a, per_row_s=b, fixed_share=a / pts[0]["t_dense_s"],
-                            rows_for_0_9=9 * a / b if b > 0 else None))
+                            rows_for_0_9=9 * a / b if b > 0 else None,
+                            weight_gb_per_s=streamed / a / 1e9 if streamed and a > 0 else None))
     return out
 
 
@@ -188,13 +190,19 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
                + ".")
     fits = fixed_costs(d)
     if fits:
+        streamed = d["model"].get("streamed_weight_bytes")
         out.append("Where the efficiency goes at small M: a least-squares line t_locked = a + b * M through each "
-                   "curve. The intercept a stands for what a pass costs beyond its FLOPs at small M (weights "
-                   "streamed whatever M is, small-M GEMMs below peak); with it, efficiency at M rows is "
-                   "about b * M / (a + b * M), i.e. >= 0.9 needs M >= 9 a / b rows (B * M with a batch).")
-        out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)", "rows for efficiency 0.9"],
+                   "curve. The intercept a stands for what a pass costs beyond its FLOPs at small M: every pass "
+                   "reads all weights whatever M is"
+                   + (f" ({streamed / 1e6:.0f} MB here, all but the embedding table; the last column is the "
+                      "bandwidth at which reading them once takes a)" if streamed else "")
+                   + ", and GEMMs with few rows run below peak. With it, efficiency at M rows is about "
+                   "b * M / (a + b * M), i.e. >= 0.9 needs M >= 9 a / b rows (B * M with a batch).")
+        out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)", "rows for efficiency 0.9",
+                          "weights / a (GB/s)"],
                          [[f["backend"], f["seq"], f1(f["fixed_s"] * 1e3), pct(f["fixed_share"]), f2(f["per_row_s"] * 1e3),
-                           "–" if f["rows_for_0_9"] is None else f"{f['rows_for_0_9']:.0f}"] for f in fits]))
+                           "–" if f["rows_for_0_9"] is None else f"{f['rows_for_0_9']:.0f}", f1(f["weight_gb_per_s"])]
+                          for f in fits]))
     out += [f"![step latency]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 
@@ -307,10 +315,11 @@ def notes(data: dict) -> str:
                 f"{r['backend']} N={r['seq']} M/N={f2(r['fraction'])} ({f2(r['efficiency'])})" for r in low)
                 + ". The cause is a per-pass cost that does not shrink with M (fitted intercept "
                 + ", ".join(f"{f['backend']} N={f['seq']}: {f1(f['fixed_s'] * 1e3)} ms" for f in fits)
-                + "): every pass streams all weights whatever M is, so GEMMs with few rows run below the "
-                "throughput of large ones, and the functional K/V-cache scatter copies the caches of all N rows in "
-                "every layer. It is about the same cost at every N, so it weighs less as N or B grows (rows needed "
-                "for 0.9 in the table).")
+                + "): every pass reads all weights from memory whatever M is (the intercepts match reading them "
+                "once at the bandwidths in the table), so a pass with few rows is bound by memory bandwidth, "
+                "which the FLOPs ratio does not count; the functional K/V-cache scatter, which copies the caches "
+                "of all N rows in every layer, adds a little. The cost is about the same at every N, so it weighs "
+                "less as N or B grows (rows needed for 0.9 in the table).")
         else:
             items.append("Graph-level efficiency is at least 0.9 at every measured M/N >= 0.1.")
         over = [r for r in sl["results"] if r["efficiency"] > 1.05]

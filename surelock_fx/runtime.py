@@ -53,7 +53,7 @@ class FlopModel:
 # exact (the extra rows are padding aimed at the scratch slot) and costs at most
 # (1 - FULL_FROM) / FULL_FROM more FLOPs, while every nearly dense step shares one graph shape.
 # Measured crossover (benchmarks/step_latency.py, CPU, eager and inductor, N = 256 and 1024): the
-# locked graph is as slow as the dense model at M/N = 0.98-1.0, so nearly dense steps gain nothing
+# locked graph is as slow as the dense model at M/N = 0.95-0.99, so nearly dense steps gain little
 # from skipping the last rows.
 FULL_FROM = 0.98
 
