@@ -286,7 +286,8 @@ def paper_section(data: dict) -> str:
     e2e = data.get("decode_e2e")
     rows = [["FLOPs ratio (locked / dense)", f"{PAPER['flops_ratio'][0]}–{PAPER['flops_ratio'][1]}", "–", "–"],
             ["tokens/s ratio, B >= 2", f"{PAPER['tps_ratio_b_ge_2'][0]}–{PAPER['tps_ratio_b_ge_2'][1]}x", "–", "–"],
-            ["tokens/s ratio, B = 1, N_gen = 64", f"{PAPER['tps_ratio_b1_g64']}x (slower)", "–", "–"]]
+            ["tokens/s ratio, B = 1, N_gen = 64", f"{PAPER['tps_ratio_b1_g64']}x (slower)", "–", "–"],
+            ["tokens/s ratio against the plain PyTorch model, all B and G", "–", "–", "–"]]
     if e2e:
         res = e2e["results"]
         fr = [r["flops_ratio"] for r in res]
@@ -300,6 +301,9 @@ def paper_section(data: dict) -> str:
             if b1_64:
                 r = b1_64[0]
                 rows[2][col] = f"{f2(r[f'speedup_{backend}'])}x (G={r['gen_length']}, {r['mode']})"
+            plain = [r[f"speedup_vs_plain_{backend}"] for r in res if f"speedup_vs_plain_{backend}" in r]
+            if plain:
+                rows[3][col] = f"{f2(min(plain))}–{f2(max(plain))}x"
     return table(["", f"paper ({PAPER['note']})", "ours, eager", "ours, inductor"], rows)
 
 
@@ -405,10 +409,13 @@ def headline(data: dict) -> str:
         for backend in ("inductor", "eager"):
             vals = [r[f"speedup_{backend}"] for r in res if f"speedup_{backend}" in r]
             if vals:
+                plain = [r[f"speedup_vs_plain_{backend}"] for r in res if f"speedup_vs_plain_{backend}" in r]
+                against_plain = f"; against the plain PyTorch model {f2(min(plain))}x to {f2(max(plain))}x" if plain else ""
                 lines.append(f"Latest run ({'quick' if e2e.get('quick') else 'full'}, {e2e['machine']['cpu_model']}): "
                              f"locked vs dense tokens/s with {backend}: {f2(min(vals))}x to {f2(max(vals))}x over "
                              f"B in {sorted({r['batch'] for r in res})} and G in {sorted({r['gen_length'] for r in res})} "
-                             f"(FLOPs ratio {f2(min(r['flops_ratio'] for r in res))}–{f2(max(r['flops_ratio'] for r in res))}).")
+                             f"(FLOPs ratio {f2(min(r['flops_ratio'] for r in res))}–{f2(max(r['flops_ratio'] for r in res))})"
+                             f"{against_plain}.")
                 break
     return "\n".join(lines)
 

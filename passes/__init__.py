@@ -4,6 +4,7 @@ from .lock_rows import CacheSpec, cache_specs, is_locked, lock_rows
 from .prepack_linear_weights import prepack_linear_weights
 from .remove_metadata_asserts import remove_metadata_asserts
 from .row_analysis import UnsupportedGraphError, check_row_wise
+from .update_caches_in_place import update_caches_in_place
 
 __all__ = [
     "CacheSpec",
@@ -15,4 +16,5 @@ __all__ = [
     "lock_rows",
     "prepack_linear_weights",
     "remove_metadata_asserts",
+    "update_caches_in_place",
 ]

@@ -11,7 +11,7 @@ from torch._inductor import config as inductor_config
 from .capture import capture
 from .export import backend_graph, check_backend
 from .lock import LockConfig, kl_divergence
-from .passes import cache_specs, lock_rows, prepack_linear_weights
+from .passes import cache_specs, lock_rows, prepack_linear_weights, update_caches_in_place
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
@@ -34,14 +34,17 @@ class FrozenInductor:
 
 
 def compile_graph(gm: fx.GraphModule, backend: str):
-    """The callable that runs ``gm`` for an in-process backend: "eager" runs a copy of it with its CPU
-    linear weights packed once (passes.prepack_linear_weights), "inductor" compiles it with
-    torch.compile (dynamic shapes, frozen weights: later changes to the model's weights are not seen)."""
-    if backend == "inductor":
-        return FrozenInductor(gm)
-    if backend == "eager":
-        return prepack_linear_weights(fx.GraphModule(gm, copy.deepcopy(gm.graph)))  # gm stays exportable
-    raise ValueError(f"not an in-process backend: {backend!r}")
+    """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
+    (``gm`` stays functional, for export): K/V caches updated in place
+    (passes.update_caches_in_place), then for "eager" the CPU linear weights packed once
+    (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, frozen weights:
+    later changes to the model's weights are not seen)."""
+    if backend not in ("eager", "inductor"):
+        raise ValueError(f"not an in-process backend: {backend!r}")
+    runnable = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    runnable.meta.update(gm.meta)
+    runnable = update_caches_in_place(runnable)
+    return FrozenInductor(runnable) if backend == "inductor" else prepack_linear_weights(runnable)
 
 
 class OptimizedModel(torch.nn.Module):
