@@ -51,7 +51,9 @@ class OptimizedModel(torch.nn.Module):
     """A model rewritten for locked decoding; pass it to ``surelock_fx.generate``.
 
     ``graph_module`` is the locked graph (inputs: the token inputs, ``active_index``,
-    ``key_mask``, the caches; outputs: logits of the active rows, the updated caches).
+    ``key_mask``, the caches; outputs: logits of the active rows, the updated caches), functional
+    as export needs it. Calling the model runs the compiled form, which with the eager and inductor
+    backends updates the caches it is given in place and returns them.
     """
 
     def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,
@@ -80,14 +82,17 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, ex
              **backend_options) -> OptimizedModel:
     """Capture ``model`` with torch.export, rewrite it to compute only active rows, and compile it.
 
-    backend: "eager" runs the rewritten graph with its CPU linear weights packed once for oneDNN;
-    "inductor" compiles it with torch.compile (dynamic shapes, frozen weights, compiled on first
-    use); "onnxruntime" exports it to ONNX (into ``export_dir``,
-    else a temporary directory) and runs it in ONNX Runtime sessions (CUDA provider if available);
-    "tensorrt" builds TensorRT engines (torch-tensorrt, CUDA; saved to ``export_dir`` if given).
+    backend: "eager" runs the rewritten graph with its CPU linear weights packed once for oneDNN and
+    its K/V caches updated in place (``compile_graph``); "inductor" compiles that with torch.compile
+    (dynamic shapes, frozen weights, compiled on first use); "onnxruntime" exports the functional
+    graph to ONNX (into ``export_dir``, else a temporary directory) and runs it in ONNX Runtime
+    sessions (CUDA provider if available); "tensorrt" builds TensorRT engines (torch-tensorrt,
+    CUDA; saved to ``export_dir`` if given).
     backend_options: for "tensorrt" the ranges and settings of ``surelock_fx.export_tensorrt``,
-    for "onnxruntime" ``providers`` and ``session_options``. bucket: active counts are padded up to a multiple of
-    it, so compiled graphs are reused across steps.
+    for "onnxruntime" ``providers`` and ``session_options``. bucket: active counts are padded up to
+    a multiple of it (padding rows write to the scratch slot), for backends that compile one graph
+    per shape; eager and inductor (dynamic M) need none, and the default 1 computes exactly the
+    active rows.
     The model must take ``input_ids`` and ``position_ids`` and return logits (or an output with
     ``.logits``); its config must name a ``mask_token_id``.
     """
