@@ -23,7 +23,8 @@
    * ``exact`` configurations run whole decodes through ``surelock_fx.generate``;
    * ``sampled`` configurations (whole decodes would take hours on a CPU: a decode costs
      O(G * B * (P + G)) row passes) time K complete decode steps (runner or model forward, plus the
-     sampler's candidate/top-k work) at evenly spaced steps t_k, with the decode state of step t_k
+     sampler's candidate/top-k work) at step 0 and K - 1 evenly spaced later steps t_k, with the
+     decode state of step t_k
      (tokens unmasked, rows locked by the replay), interleaving the variants at each t_k; the decode
      time is the sum over all G steps of the step time interpolated linearly in t. Exact
      configurations are also estimated this way; the JSON reports the estimator's error.
@@ -309,8 +310,12 @@ def decode_step(forward, x: torch.Tensor, mask_id: int, eos, eot) -> torch.Tenso
 
 
 def sample_points(steps: int, k: int) -> list[int]:
-    k = max(2, min(k, steps))
-    return sorted({round(i * (steps - 1) / (k - 1)) for i in range(k)})
+    """Step 0, and k - 1 steps evenly spaced over 1 .. steps - 1: the first pass (full width, the
+    runner's allocations) is like no other, so its time must not be interpolated over later steps."""
+    if steps == 1:
+        return [0]
+    rest = max(1, min(k, steps) - 1)
+    return sorted({0} | {1 + round(i * (steps - 2) / max(rest - 1, 1)) for i in range(rest)})
 
 
 def interpolated_total(points: list[int], times: list[float], steps: int) -> float:

@@ -132,7 +132,8 @@ def test_replay_plan_locks_only_unmasked_rows_and_never_unlocks():
 
 
 def test_sample_points_and_interpolation():
-    assert decode_e2e.sample_points(64, 4) == [0, 21, 42, 63]
+    assert decode_e2e.sample_points(64, 4) == [0, 1, 32, 63]
+    assert decode_e2e.sample_points(2, 6) == [0, 1] and decode_e2e.sample_points(1, 6) == [0]
     pts, times = [0, 2, 4], [1.0, 3.0, 3.0]
     assert close(decode_e2e.interpolated_total(pts, times, 5), 1 + 2 + 3 + 3 + 3)
 
