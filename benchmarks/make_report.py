@@ -319,11 +319,10 @@ def notes(data: dict) -> str:
                 f"{r['backend']} N={r['seq']} M/N={f2(r['fraction'])} ({f2(r['efficiency'])})" for r in low)
                 + ". The cause is a per-pass cost that does not shrink with M (fitted intercept "
                 + ", ".join(f"{f['backend']} N={f['seq']}: {f1(f['fixed_s'] * 1e3)} ms" for f in fits)
-                + "): every pass reads all weights from memory whatever M is (the intercepts match reading them "
-                "once at the bandwidths in the table), so a pass with few rows is bound by memory bandwidth, "
-                "which the FLOPs ratio does not count; the functional K/V-cache scatter, which copies the caches "
-                "of all N rows in every layer, adds a little. The cost is about the same at every N, so it weighs "
-                "less as N or B grows (rows needed for 0.9 in the table).")
+                + "): every pass reads all weights from memory whatever M is (the intercepts are of the order of "
+                "reading them once, see the bandwidths in the table), and GEMMs with a few dozen rows run below "
+                "the throughput of large ones; neither is counted by the FLOPs ratio. The cost is about the same "
+                "at every N, so it weighs less as N or B grows (rows needed for 0.9 in the table).")
         else:
             items.append("Graph-level efficiency is at least 0.9 at every measured M/N >= 0.1.")
         over = [r for r in sl["results"] if r["efficiency"] > 1.05]
@@ -348,8 +347,8 @@ def notes(data: dict) -> str:
             items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
                          f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, G={hi[2]['gen_length']}). "
                          "It is below the graph-level efficiency because a decode step also runs the sampler (an "
-                         "argmax over every position's logits, a softmax over the block's masked positions; not "
-                         "reduced by locking) and the runtime's bookkeeping, and because "
+                         "argmax and a softmax over the masked positions' logits; not reduced by locking) and the "
+                         "runtime's bookkeeping, and because "
                          "the active rows of a step (masked rows plus the few not yet locked) are few at the end of "
                          "a decode, where small-M passes are least efficient.")
     if sl:
