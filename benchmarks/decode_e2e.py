@@ -56,7 +56,7 @@ from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special
 NAME = "decode_e2e"
 NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
 VARIANTS = ("dense/plain", "dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
-FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=6,
+FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=12,
             exact=["1x64", "2x64"], variants=list(VARIANTS))
 QUICK = dict(preset="small", batches=[1], gens=[32, 64], prompt=16, bucket=8, samples=4, exact=[],
              variants=list(VARIANTS))

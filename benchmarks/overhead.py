@@ -10,7 +10,7 @@
    replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
    its phases (``surelock::index``, ``surelock::graph``, ``surelock::lock_update`` with
    ``surelock::kl`` and ``surelock::store_logits`` inside); the sampler's work is labelled here;
-   the K/V cache updates inside the graph are the eager graph's ``aten::scatter`` ops.
+   the K/V cache updates inside the graph are the eager graph's ``aten::scatter_`` ops.
    Reported per step: wall time, each phase's share, and the bookkeeping share
    (runner time - graph time) / step time. For comparison, the bookkeeping of the first runtime
    (log-softmax and KL over all M rows against a [B, N + 1, V] log-prob buffer gathered and
@@ -126,9 +126,9 @@ def profiled_step(runner, x, mask_id, eos, eot) -> tuple[float, dict]:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     labels = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
-    # the K/V cache updates inside the graph: out-of-place aten::scatter in the eager graph (inductor fuses
+    # the K/V cache updates inside the graph: aten::scatter_ (in place) in the eager graph (inductor fuses
     # them into its generated kernels, where they cannot be told apart)
-    labels["cache_scatter"] = sum(e.self_cpu_time_total for e in events if e.key == "aten::scatter") / 1e6
+    labels["cache_scatter"] = sum(e.self_cpu_time_total for e in events if e.key in ("aten::scatter", "aten::scatter_")) / 1e6
     return wall, labels
 
 
