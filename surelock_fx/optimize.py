@@ -33,6 +33,13 @@ class FrozenInductor:
             return self.compiled(*args, **kwargs)
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph and meta (cache specs), sharing its weights."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta.update(gm.meta)
+    return new
+
+
 def compile_graph(gm: fx.GraphModule, backend: str):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
     (``gm`` stays functional, for export): K/V caches updated in place
@@ -41,9 +48,7 @@ def compile_graph(gm: fx.GraphModule, backend: str):
     later changes to the model's weights are not seen)."""
     if backend not in ("eager", "inductor"):
         raise ValueError(f"not an in-process backend: {backend!r}")
-    runnable = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    runnable.meta.update(gm.meta)
-    runnable = update_caches_in_place(runnable)
+    runnable = update_caches_in_place(copy_graph_module(gm))
     return FrozenInductor(runnable) if backend == "inductor" else prepack_linear_weights(runnable)
 
 

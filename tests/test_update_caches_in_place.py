@@ -1,12 +1,11 @@
 """update_caches_in_place: graph structure, idempotence, no-op cases, and numerics against the functional graph."""
-import copy
 from collections import Counter
 
 import pytest
 import torch
-from torch import fx
 
 from surelock_fx.capture import capture
+from surelock_fx.optimize import copy_graph_module
 from surelock_fx.passes import cache_specs, lock_rows, update_caches_in_place
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
@@ -17,19 +16,13 @@ def counts(gm):
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
-def copy_of(gm):
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    new.meta.update(gm.meta)
-    return new
-
-
 @pytest.fixture(scope="module")
 def locked():
     return lock_rows(capture(tiny_model(seed=6, n_layers=2, n_kv_heads=2)))
 
 
 def test_every_cache_is_updated_in_place(locked):
-    gm = update_caches_in_place(copy_of(locked))
+    gm = update_caches_in_place(copy_graph_module(locked))
     gm.graph.lint()
     caches = len(cache_specs(locked))
     assert counts(locked)[SCATTER] == caches
@@ -38,7 +31,7 @@ def test_every_cache_is_updated_in_place(locked):
 
 
 def test_second_run_changes_nothing(locked):
-    gm = update_caches_in_place(copy_of(locked))
+    gm = update_caches_in_place(copy_graph_module(locked))
     code = gm.code
     assert update_caches_in_place(gm).code == code
 
@@ -59,7 +52,7 @@ def test_in_place_graph_matches_functional_and_returns_its_inputs(locked, B, N, 
               torch.ones(B, N, dtype=torch.bool))
     with torch.no_grad():
         expected = locked(*inputs, *caches)
-        got = update_caches_in_place(copy_of(locked))(*inputs, *caches)
+        got = update_caches_in_place(copy_graph_module(locked))(*inputs, *caches)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     for out, cache, want in zip(got[1:], caches, expected[1:], strict=True):
         assert out is cache  # updated in place
