@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
+from .sampler import rows_per_chunk
+
 
 @dataclasses.dataclass(frozen=True)
 class LockConfig:
@@ -121,8 +123,7 @@ class LockState:
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
                 with record_function("surelock::kl"):
-                    prev = self._logits[self._rows(index)[b, j]]
-                    sure[b, j], kl = self._sure(logits[b, j], prev, b, j, candidate.shape)
+                    sure[b, j], kl = self._sure(logits, index, b, j, candidate.shape)
                 locking = sure[b, j]
                 rows, positions = b[locking], index[b, j][locking]
                 self.lock_step[rows, positions] = self.updates
@@ -134,12 +135,18 @@ class LockState:
         self.store(index, logits)
         self.updates += 1
 
-    def _sure(self, logits: torch.Tensor, prev_logits: torch.Tensor, b, j, shape):
-        """(lock decision, KL) for candidate rows (b, j) given their new and previous logits [C, V]."""
-        kl = self.kl(logits, prev_logits)
+    def _sure(self, logits: torch.Tensor, index: torch.Tensor, b, j, shape):
+        """(lock decision, KL) for candidate rows (b, j) of ``logits`` [B, M, V] (positions
+        ``index`` [B, M]), against their stored logits; the rows are read a few at a time."""
+        new_rows = logits.reshape(-1, logits.shape[-1])
+        size = rows_per_chunk(new_rows)
+        kl = torch.cat([
+            self.kl(new_rows.index_select(0, new), self._logits.index_select(0, prev))
+            for new, prev in zip((b * index.shape[1] + j).split(size), self._rows(index)[b, j].split(size))
+        ])
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            sure &= _most_confident(logits, b, j, shape, self.config.confidence_gate)
+            sure &= _most_confident(logits[b, j], b, j, shape, self.config.confidence_gate)
         return sure, kl
 
 

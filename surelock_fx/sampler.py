@@ -125,13 +125,15 @@ def num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
     return base + extra.long()
 
 
-def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator=None) -> torch.Tensor:
-    """Gumbel-max in float64: exp(logits) / (-log U)^temperature; identity at temperature 0."""
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    return logits.exp() / (-torch.log(noise)) ** temperature
+def gumbel_noise(shape, temperature: float, device=None, generator=None) -> torch.Tensor:
+    """The reference's Gumbel denominators (-log U)^temperature, U uniform in float64."""
+    noise = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+    return (-torch.log(noise)) ** temperature
+
+
+def add_gumbel_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max scores in float64: exp(logits) / noise, for ``noise`` from ``gumbel_noise``."""
+    return logits.to(torch.float64).exp() / noise
 
 
 def model_forward(model: torch.nn.Module) -> Forward:
@@ -158,31 +160,51 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
                     logits_eos_inf, confidence_eos_eot_inf, generator):
     """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change.
 
-    The mask token is never proposed: committing it would leave the position masked (and stall
-    threshold decoding forever). Trained models give it no mass, so this changes nothing for them.
+    Only masked positions take a proposal, and only those of the current block a confidence; their
+    logits are read a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is
+    drawn for every position, as the reference draws it. The mask token is never proposed:
+    committing it would leave the position masked (and stall threshold decoding forever). Trained
+    models give it no mass, so this changes nothing for them.
     """
-    if logits_eos_inf and eos is not None:
-        logits = logits.clone()
-        logits[..., eos] = -torch.inf
-    # Only masked positions take a proposal (the noise is still drawn for every position, as the
-    # reference draws it), and only those of the current block can be committed: their confidences
-    # alone are computed.
-    x0 = x.clone()
-    x0[mask_index] = proposals_argmax(add_gumbel_noise(logits, temperature, generator)[mask_index], mask_id)
+    B, N, V = logits.shape
+    rows_of = logits.reshape(B * N, V)
+    noise = None if temperature == 0 else gumbel_noise((B * N, V), temperature, x.device, generator)
+    banned = [eos] if logits_eos_inf and eos is not None else []
+    x0 = x.flatten().clone()
+    for rows, chunk in row_chunks(rows_of, mask_index.flatten().nonzero().squeeze(1), banned):
+        scores = chunk if noise is None else add_gumbel_noise(chunk, noise.index_select(0, rows))
+        x0[rows] = proposals_argmax(scores, mask_id)
     live = mask_index.clone()
     live[:, block_end:] = False
-    x0_p = torch.full(x0.shape, -torch.inf, device=x0.device)
+    x0_p = torch.full((B * N,), -torch.inf, device=x.device)
     if remasking == "low_confidence":
-        scored = logits[live]
         if confidence_eos_eot_inf:
-            for tok in (eos, eot):
-                if tok is not None:
-                    scored[:, tok] = -torch.inf
-        p = F.softmax(scored.float(), dim=-1)
-        x0_p[live] = p.gather(-1, x0[live].unsqueeze(-1)).squeeze(-1)
+            banned = banned + [tok for tok in (eos, eot) if tok is not None]
+        for rows, chunk in row_chunks(rows_of, live.flatten().nonzero().squeeze(1), banned):
+            x0_p[rows] = F.softmax(chunk.float(), dim=-1).gather(-1, x0[rows, None]).squeeze(-1)
     else:
-        x0_p[live] = torch.rand(x0.shape, device=x0.device, generator=generator)[live]
-    return x0, x0_p
+        x0_p[live.flatten()] = torch.rand(x.shape, device=x.device, generator=generator)[live]
+    return x0.view(B, N), x0_p.view(B, N)
+
+
+# How much of a [rows, V] logits tensor is copied at a time (``rows_per_chunk``): little enough to
+# stay in cache and be served from the allocator's free memory. A copy of all masked or candidate
+# rows at once (hundreds of MB at a large batch) is freshly mapped, page by page, every step.
+CHUNK_BYTES = 4 << 20
+
+
+def rows_per_chunk(rows_of: torch.Tensor) -> int:
+    """How many rows of ``rows_of`` [rows, V] make CHUNK_BYTES (at least one)."""
+    return max(1, CHUNK_BYTES // (rows_of.shape[1] * rows_of.element_size()))
+
+
+def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor, banned: list[int]):
+    """(rows, a copy of their logits with the ``banned`` token ids at -inf), a chunk at a time."""
+    for part in rows.split(rows_per_chunk(rows_of)):
+        chunk = rows_of.index_select(0, part)
+        if banned:
+            chunk[:, banned] = -torch.inf
+        yield part, chunk
 
 
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:

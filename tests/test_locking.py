@@ -105,7 +105,7 @@ def test_locked_decode_of_transformers_llama_equals_reference_semantics(model):
     assert torch.equal(surelock_fx.generate(optimized, p, **kw).tokens, reference_generate(llama, p, **kw).tokens)
 
 
-def test_kl_lock_rule_matches_a_direct_computation():
+def test_kl_lock_rule_matches_a_direct_computation(logits_chunks):
     gen = torch.Generator().manual_seed(0)
     B, N, V = 2, 6, 11
     x = torch.full((B, N), MASK)

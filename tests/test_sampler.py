@@ -188,7 +188,7 @@ SCHEDULES = [  # (gen_length, steps, block_length)
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: "gen{}-steps{}-block{}".format(*s))
-def test_matches_reference_across_schedules(model, schedule, batch):
+def test_matches_reference_across_schedules(model, schedule, batch, logits_chunks):
     gen_length, steps, block_length = schedule
     prompt = make_prompt(batch)
     out, tokens, ref_steps = run_both(model, prompt, gen_length=gen_length, steps=steps,
@@ -212,7 +212,7 @@ OPTION_CASES = {
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_matches_reference_with_options(model, case, batch, padded):
+def test_matches_reference_with_options(model, case, batch, padded, logits_chunks):
     prompt = make_prompt(batch, seed=batch)
     mask = left_padding_mask(batch) if padded else None
     out, tokens, ref_steps = run_both(model, prompt, gen_length=12, steps=6, block_length=4,
@@ -242,7 +242,7 @@ EOS_FLAGS = {
 @pytest.mark.parametrize("options", [{}, {"cfg_scale": 1.0}, {"threshold": 0.3}],
                          ids=["plain", "cfg", "threshold"])
 @pytest.mark.parametrize("flags", list(EOS_FLAGS))
-def test_eos_flags_match_reference(flags, options):
+def test_eos_flags_match_reference(flags, options, logits_chunks):
     model, prompt = EosHeavyModel(), make_prompt(3)
     schedule = dict(gen_length=12, steps=6, block_length=4, **options)
     out, tokens, ref_steps = run_both(model, prompt, **schedule, **EOS_FLAGS[flags])
