@@ -178,11 +178,14 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
            f"Locked: {s['locked_graph']}."]
     rows = [[r["backend"], r["seq"], r["active_rows"], f2(r["fraction"]), f1(r["t_dense_s"] * 1e3),
              f1(r["t_locked_s"] * 1e3), f2(r["speedup"]), f2(r["ideal_speedup"]), f2(r["efficiency"]),
-             f1(r["t_plain_s"] * 1e3), f2(r["speedup_vs_plain"])]
+             f2(r.get("gemm_efficiency")), f1(r["t_plain_s"] * 1e3), f2(r["speedup_vs_plain"])]
             for r in d["results"]]
-    out.append(f"Plain model: {s['plain']}; its time is the `plain ms` column, and `vs plain` = plain ms / locked ms.")
+    out.append(f"Plain model: {s['plain']}; its time is the `plain ms` column, and `vs plain` = plain ms / locked ms. "
+               "`GEMMs alone`: the efficiency of the model's linear layers by themselves at the same row counts "
+               f"({s.get('gemm_chain', 'not measured')}): the bound for the pass, which adds attention, "
+               "norms and gathers.")
     out.append(table(["backend", "N", "M", "M/N", "dense ms", "locked ms", "speedup", "ideal", "efficiency",
-                      "plain ms", "vs plain"], rows))
+                      "GEMMs alone", "plain ms", "vs plain"], rows))
     cross = ", ".join(f"{c['backend']} N={c['seq']}: " + ("none (locked faster up to M = N)" if c["fraction"] is None
                                                           else f"M/N = {f2(c['fraction'])}") for c in d["crossover"])
     out.append(f"Measured crossover (locked graph as slow as the dense model): {cross}. "
@@ -323,6 +326,11 @@ def notes(data: dict) -> str:
                 "reading them once, see the bandwidths in the table), and GEMMs with a few dozen rows run below "
                 "the throughput of large ones; neither is counted by the FLOPs ratio. The cost is about the same "
                 "at every N, so it weighs less as N or B grows (rows needed for 0.9 in the table).")
+            gemm = sorted({(r["seq"], r["active_rows"], r["gemm_efficiency"]) for r in low if "gemm_efficiency" in r})
+            if gemm:
+                items.append("At those row counts the model's GEMMs alone, without anything the rewrite adds, reach "
+                             "an efficiency of " + ", ".join(f"{f2(g)} (N={N}, M={M})" for N, M, g in gemm)
+                             + ": that is the bound on this CPU for float32 weights, not a cost of the locked graph.")
         else:
             items.append("Graph-level efficiency is at least 0.9 at every measured M/N >= 0.1.")
         over = [r for r in sl["results"] if r["efficiency"] > 1.05]
@@ -347,7 +355,8 @@ def notes(data: dict) -> str:
             items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
                          f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, G={hi[2]['gen_length']}). "
                          "It is below the graph-level efficiency because a decode step also runs the sampler (an "
-                         "argmax and a softmax over the masked positions' logits; not reduced by locking) and the "
+                         "argmax and a softmax over the masked positions' logits, read a few rows at a time; not "
+                         "reduced by locking) and the "
                          "runtime's bookkeeping, and because "
                          "the active rows of a step (masked rows plus the few not yet locked) are few at the end of "
                          "a decode, where small-M passes are least efficient.")

@@ -16,6 +16,9 @@ hits all alike; the minimum over the repetitions is reported (load only ever add
     speedup = t_dense / t_locked,  ideal = FLOPs_dense / FLOPs_locked (FlopModel: GEMMs, LM head),
     efficiency = speedup / ideal,  speedup_vs_plain = t_plain / t_locked.
 
+The model's GEMMs alone (``gemm_chain``: its linear layers called back to back on packed weights)
+are timed at the same row counts: their efficiency bounds what a pass at that many rows can reach.
+
 Also reported: the measured crossover (the M/N at which the locked graph stops being faster than
 the dense model) and the compilations (torch._dynamo counters) the whole sweep caused.
 Writes ``step_latency.json`` and ``step_latency_*.png`` to ``--out``.
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.passes import cache_specs  # noqa: E402
+from surelock_fx.passes.prepack_linear_weights import PACKED_LINEAR  # noqa: E402
 
 NAME = "step_latency"
 FULL = dict(preset="bench", seqs=[256, 1024], batch=1, reps=3,
@@ -65,6 +69,26 @@ def locked_inputs(opt, B: int, N: int, M: int, gen: torch.Generator):
     key_mask = torch.ones(B, N, dtype=torch.bool)
     caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype) for s in cache_specs(opt.graph_module)]
     return ids, positions, index, key_mask, caches
+
+
+def gemm_chain(model, max_rows: int):
+    """(``run(rows)``, FLOPs per row): the model's linear layers called one after another on
+    ``rows`` rows of random input, through oneDNN on the packed weights of the eager dense pipeline
+    (``passes.prepack_linear_weights``). ``run`` costs what the GEMMs of a pass cost alone, each
+    weight read from memory once as in a pass: the bound a pass at that many rows cannot beat."""
+    gm = common.compiled_dense(model, "eager").graph
+    nodes = [n for n in gm.graph.nodes if n.target is PACKED_LINEAR]
+    if not nodes:
+        raise RuntimeError("no packed linear layers: this build of torch has no oneDNN")
+    layers = [(getattr(gm, n.args[1].target), None if n.args[2] is None else getattr(gm, n.args[2].target),
+               int(n.args[0].meta["val"].shape[-1])) for n in nodes]
+    inputs = {width: torch.randn(max_rows, width) for _, _, width in layers}
+
+    def run(rows: int):
+        for weight, bias, width in layers:
+            PACKED_LINEAR(inputs[width][:rows], weight, bias, "none", [], "")
+
+    return run, sum(2 * width * int(n.meta["val"].shape[-1]) for n, (_, _, width) in zip(nodes, layers))
 
 
 def crossover(points: list[dict]) -> float | None:
@@ -102,6 +126,8 @@ def run(args) -> dict:
     inputs = {(backend, N, M): locked_inputs(built[backend][0], B, N, M, gen)
               for backend in args.backends for N in args.seqs for M in Ms[N]}
 
+    gemms, _ = gemm_chain(model, B * max(args.seqs))
+
     def dense_call(backend, N):
         return built[backend][1](ids[N])
 
@@ -128,11 +154,14 @@ def run(args) -> dict:
             bar.update()
         t_dense = {job: [] for job in jobs}
         t_plain = {N: [] for N in args.seqs}
+        t_gemm = {B * M: [] for N in args.seqs for M in Ms[N] + [N]}
         t_locked = {(b, N, M): [] for b, N in jobs for M in Ms[N]}
         with common.count_compilations() as timed_compiles:
             for rep in range(args.reps):  # interleaved: plain, then every backend, dense and every M, in each repetition
                 for N in args.seqs:
                     t_plain[N] += common.time_calls(lambda: plain_call(N), reps=1, warmup=0)
+                for rows in t_gemm:
+                    t_gemm[rows] += common.time_calls(lambda: gemms(rows), reps=1, warmup=int(rep == 0))
                 for backend, N in jobs:
                     bar.set_postfix_str(f"rep {rep + 1}/{args.reps} {backend} N={N}")
                     t_dense[(backend, N)] += common.time_calls(lambda: dense_call(backend, N), reps=1, warmup=0)
@@ -152,7 +181,9 @@ def run(args) -> dict:
                                 t_dense_s=td, t_locked_s=tl, t_plain_s=tp, speedup_vs_plain=tp / tl,
                                 flops_dense=flops_dense, flops_locked=flops_locked,
                                 dense_times_s=t_dense[(backend, N)], locked_times_s=t_locked[(backend, N, M)],
-                                plain_times_s=t_plain[N],
+                                plain_times_s=t_plain[N], t_gemm_dense_s=min(t_gemm[B * N]),
+                                t_gemm_locked_s=min(t_gemm[B * M]),
+                                gemm_efficiency=min(t_gemm[B * N]) / min(t_gemm[B * M]) * M / N,
                                 **common.efficiency(td, tl, flops_dense, flops_locked)))
     crossovers = [dict(backend=b, seq=N, fraction=crossover([r for r in results if r["backend"] == b and r["seq"] == N]))
                   for b, N in jobs]
@@ -164,7 +195,10 @@ def run(args) -> dict:
                                              "with packed linear weights (eager), torch.compile of it with frozen "
                                              "weights (inductor), the plain model exported to ONNX (onnxruntime)",
                               plain="the model in PyTorch eager, unpacked weights",
-                              locked_graph="surelock_fx.optimize(model, backend) graph, exact M active rows"),
+                              locked_graph="surelock_fx.optimize(model, backend) graph, exact M active rows",
+                              gemm_chain="the model's linear layers alone, one oneDNN call each on the eager "
+                                         "pipeline's packed weights, at B*N and B*M rows; gemm_efficiency = "
+                                         "(t_gemm(N) / t_gemm(M)) / (N / M)"),
                 model=common.describe_model(model), results=results, crossover=crossovers,
                 compilations=compilations, compilations_timed=timed_compiles, optimize_seconds=optimize_s,
                 targets=targets(results))
@@ -199,6 +233,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             axes[0].plot(f, [p["t_dense_s"] * 1e3 / p["ideal_speedup"] for p in pts], ":", color=color,
                          label=f"ideal = dense x FLOPs ratio ({backend})")
             axes[1].plot(f, [p["efficiency"] for p in pts], "o-", color=color, label=backend)
+        gemm = sorted({(r["fraction"], r["gemm_efficiency"]) for r in rows if r["seq"] == N})
+        axes[1].plot(*zip(*gemm), "s--", color="gray", label="the GEMMs alone (bound)")
         plain = next(r["t_plain_s"] for r in rows if r["seq"] == N)
         axes[0].axhline(plain * 1e3, color="black", ls="-.", label="plain model (PyTorch eager)")
         axes[0].set(xlabel="active fraction M/N", ylabel="ms per forward pass", title=f"step latency, N={N}")
@@ -217,7 +253,8 @@ def main(argv=None):
     for r in result["results"]:
         print(f"{r['backend']:9s} N={r['seq']:5d} M/N={r['fraction']:.3f}  dense {r['t_dense_s'] * 1e3:8.1f} ms  "
               f"locked {r['t_locked_s'] * 1e3:8.1f} ms  speedup {r['speedup']:.2f}  ideal {r['ideal_speedup']:.2f}  "
-              f"efficiency {r['efficiency']:.2f}  vs plain eager {r['speedup_vs_plain']:.2f}")
+              f"efficiency {r['efficiency']:.2f} (GEMMs alone {r['gemm_efficiency']:.2f})  "
+              f"vs plain eager {r['speedup_vs_plain']:.2f}")
     print(f"crossover: {result['crossover']}\ncompilations: {result['compilations']}\nwrote {path}")
     return result
 

@@ -105,8 +105,15 @@ def test_step_latency(out, tiny):
         assert close(r["efficiency"], r["speedup"] / r["ideal_speedup"])
         assert r["t_dense_s"] == min(r["dense_times_s"]) and r["t_locked_s"] == min(r["locked_times_s"])
         assert r["t_plain_s"] == min(r["plain_times_s"]) and close(r["speedup_vs_plain"], r["t_plain_s"] / r["t_locked_s"])
+        assert close(r["gemm_efficiency"], r["t_gemm_dense_s"] / r["t_gemm_locked_s"] * r["active_rows"] / r["seq"])
     assert set(saved["compilations"]["eager/N=16"]) >= {"graphs", "recompiles"}
     assert (out / "step_latency_N16.png").stat().st_size > 0
+
+
+def test_gemm_chain_runs_every_linear_of_the_model(tiny):
+    run, flops_per_row = step_latency.gemm_chain(tiny, max_rows=8)
+    assert flops_per_row == surelock_fx.optimize(tiny).flops.per_row  # every GEMM of a pass, the LM head included
+    run(3)  # any row count up to max_rows
 
 
 def test_replay_plan_locks_only_unmasked_rows_and_never_unlocks():
