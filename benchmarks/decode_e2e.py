@@ -32,7 +32,8 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``).
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of the rows the graph
+computes: with B > 1 every batch row runs as many rows as the one with the most active rows.
 Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 """
 from __future__ import annotations
@@ -430,7 +431,8 @@ def run(args) -> dict:
         flops_locked = sum(flops.step(a, N) for a in counts)
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
-                   active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
+                   active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)),
+                   padded_flops_ratio=sum(flops.step(B * w, N) for w in widths) / flops_dense)
         row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
         with common.count_compilations() as compiles:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)

@@ -157,6 +157,7 @@ def test_decode_e2e(out):
     assert rows[(1, 8)]["mode"] == "exact" and rows[(2, 8)]["mode"] == "sampled"
     for (B, G), r in rows.items():
         assert 0 < r["flops_ratio"] <= 1 and close(r["flops_ratio"], r["flops_locked"] / r["flops_dense"])
+        assert r["flops_ratio"] <= r["padded_flops_ratio"] <= 1  # padding rows only add to what is computed
         assert len(r["active_fraction_curve"]) == G and r["active_fraction_curve"][0] == 1.0
         assert close(r["speedup_eager"], r["time_s"]["dense/eager"] / r["time_s"]["locked/eager"])
         assert close(r["efficiency_eager"], r["speedup_eager"] / r["ideal_speedup"]["eager"])
