@@ -161,7 +161,7 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change.
 
     Only masked positions take a proposal, and only those of the current block a confidence; their
-    logits are read a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is
+    logits are read once, a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is
     drawn for every position, as the reference draws it. The mask token is never proposed:
     committing it would leave the position masked (and stall threshold decoding forever). Trained
     models give it no mass, so this changes nothing for them.
@@ -169,21 +169,26 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     B, N, V = logits.shape
     rows_of = logits.reshape(B * N, V)
     noise = None if temperature == 0 else gumbel_noise((B * N, V), temperature, x.device, generator)
-    banned = [eos] if logits_eos_inf and eos is not None else []
-    x0 = x.flatten().clone()
-    for rows, chunk in row_chunks(rows_of, mask_index.flatten().nonzero().squeeze(1), banned):
-        scores = chunk if noise is None else add_gumbel_noise(chunk, noise.index_select(0, rows))
-        x0[rows] = proposals_argmax(scores, mask_id)
     live = mask_index.clone()
     live[:, block_end:] = False
+    live_rows = live.flatten()
+    scored = remasking == "low_confidence"
+    logits_banned = [eos] if logits_eos_inf and eos is not None else []
+    confidence_banned = [tok for tok in (eos, eot) if tok is not None] if confidence_eos_eot_inf else []
+    x0 = x.flatten().clone()
     x0_p = torch.full((B * N,), -torch.inf, device=x.device)
-    if remasking == "low_confidence":
-        if confidence_eos_eot_inf:
-            banned = banned + [tok for tok in (eos, eot) if tok is not None]
-        for rows, chunk in row_chunks(rows_of, live.flatten().nonzero().squeeze(1), banned):
+    for rows, chunk in row_chunks(rows_of, mask_index.flatten().nonzero().squeeze(1)):
+        chunk[:, logits_banned] = -torch.inf
+        scores = chunk if noise is None else add_gumbel_noise(chunk, noise.index_select(0, rows))
+        x0[rows] = proposals_argmax(scores, mask_id)
+        if scored:
+            chunk[:, confidence_banned] = -torch.inf
+            keep = live_rows[rows]
+            if not keep.all():
+                rows, chunk = rows[keep], chunk[keep]
             x0_p[rows] = F.softmax(chunk.float(), dim=-1).gather(-1, x0[rows, None]).squeeze(-1)
-    else:
-        x0_p[live.flatten()] = torch.rand(x.shape, device=x.device, generator=generator)[live]
+    if not scored:
+        x0_p[live_rows] = torch.rand(x.shape, device=x.device, generator=generator)[live]
     return x0.view(B, N), x0_p.view(B, N)
 
 
@@ -198,13 +203,10 @@ def rows_per_chunk(rows_of: torch.Tensor) -> int:
     return max(1, CHUNK_BYTES // (rows_of.shape[1] * rows_of.element_size()))
 
 
-def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor, banned: list[int]):
-    """(rows, a copy of their logits with the ``banned`` token ids at -inf), a chunk at a time."""
+def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor):
+    """(rows, a copy of their logits), a chunk of ``rows`` at a time."""
     for part in rows.split(rows_per_chunk(rows_of)):
-        chunk = rows_of.index_select(0, part)
-        if banned:
-            chunk[:, banned] = -torch.inf
-        yield part, chunk
+        yield part, rows_of.index_select(0, part)
 
 
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:

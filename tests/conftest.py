@@ -1,11 +1,10 @@
 """Tiny test models run fastest on one thread, and the suite stays quick on a loaded 2-core machine."""
+import pytest
 import torch
 
+import surelock_fx.sampler
+
 torch.set_num_threads(1)
-
-import pytest  # noqa: E402
-
-import surelock_fx.sampler  # noqa: E402
 
 
 @pytest.fixture(params=["whole", "one-row-chunks"])
