@@ -7,6 +7,7 @@ keeps its own lock state and caches (see ``surelock_fx.runtime``). The sampler i
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -212,13 +213,33 @@ def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor):
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:
     """argmax over the vocabulary without the mask token (as if its score were -inf), without
     copying ``scores``: only rows whose argmax is the mask token are rescored."""
-    x0 = scores.argmax(dim=-1)
+    x0 = first_argmax(scores)
     hit = x0 == mask_id
     if hit.any():
         rows = scores[hit]
         rows[:, mask_id] = -torch.inf
-        x0[hit] = rows.argmax(dim=-1)
+        x0[hit] = first_argmax(rows)
     return x0
+
+
+ARGMAX_BLOCK = 128  # columns per block of ``first_argmax``'s first reduction
+
+
+def first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)``, the same index (the first maximum; NaN counts as the maximum), from two
+    short reductions: the first block of columns that holds the row's maximum, then the first
+    maximum inside it. On CPU, ATen's argmax over a long row is about 8x slower than its max."""
+    vocab = scores.shape[-1]
+    width = max(1, min(ARGMAX_BLOCK, math.isqrt(vocab)))
+    full = vocab - vocab % width
+    maxima = scores[..., :full].unflatten(-1, (full // width, width)).amax(-1)
+    if full < vocab:  # a last, shorter block
+        maxima = torch.cat([maxima, scores[..., full:].amax(-1, keepdim=True)], dim=-1)
+    # The last block's window starts early enough to be full width; the columns it takes from the
+    # block before hold no maximum, or that block would have been the first to hold one.
+    start = (maxima.argmax(-1, keepdim=True) * width).clamp(max=vocab - width)
+    window = start + torch.arange(width, device=scores.device)
+    return (start + scores.gather(-1, window).argmax(-1, keepdim=True)).squeeze(-1)
 
 
 def select_topk(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

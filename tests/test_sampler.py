@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from helpers import tiny_config, tiny_model
 from surelock_fx import generate
-from surelock_fx.sampler import proposals_argmax
+from surelock_fx.sampler import ARGMAX_BLOCK, first_argmax, proposals_argmax
 
 MASK, EOS, EOT, VOCAB = 100, 99, 98, 101
 
@@ -343,3 +343,18 @@ def test_proposals_never_take_the_mask_token():
     x0 = proposals_argmax(scores, mask_id)
     assert torch.equal(x0, expected.argmax(-1)) and not (x0 == mask_id).any()
     assert torch.equal(scores, before), "the scores are not modified"
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 7, 101, ARGMAX_BLOCK**2, ARGMAX_BLOCK**2 + 1, 32000, 32003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_first_argmax_is_torch_argmax(vocab, dtype):
+    """The same index as torch.argmax on ties (a few distinct values), NaN and all -inf rows."""
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(4):
+        scores = torch.randint(-3, 3, (2, 5, vocab), generator=gen).to(dtype)
+        scores[0, 1, torch.randint(vocab, (2,), generator=gen)] = torch.nan
+        scores[1, 2] = -torch.inf
+        scores[1, 3, -1] = 9.0  # the maximum in the last (possibly shorter) block
+        assert torch.equal(first_argmax(scores), scores.argmax(-1)), trial
+    fresh = torch.randn(7, vocab, generator=gen, dtype=dtype)
+    assert torch.equal(first_argmax(fresh), fresh.argmax(-1))
