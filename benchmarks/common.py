@@ -216,6 +216,28 @@ def compiled_dense(model, backend: str):
     return DenseGraph(model, backend)
 
 
+def gemm_chain(model, max_rows: int):
+    """(``run(rows)``, FLOPs per row): the model's linear layers called one after another on
+    ``rows`` rows of random input, through oneDNN on the packed weights of the eager dense pipeline
+    (``passes.prepack_linear_weights``). ``run`` costs what the GEMMs of a pass cost alone, each
+    weight read from memory once as in a pass: the bound a pass at that many rows cannot beat."""
+    from surelock_fx.passes.prepack_linear_weights import PACKED_LINEAR
+
+    gm = compiled_dense(model, "eager").graph
+    nodes = [n for n in gm.graph.nodes if n.target is PACKED_LINEAR]
+    if not nodes:
+        raise RuntimeError("no packed linear layers: this build of torch has no oneDNN")
+    layers = [(getattr(gm, n.args[1].target), None if n.args[2] is None else getattr(gm, n.args[2].target),
+               int(n.args[0].meta["val"].shape[-1])) for n in nodes]
+    inputs = {width: torch.randn(max_rows, width) for _, _, width in layers}
+
+    def run(rows: int):
+        for weight, bias, width in layers:
+            PACKED_LINEAR(inputs[width][:rows], weight, bias, "none", [], "")
+
+    return run, sum(2 * width * int(n.meta["val"].shape[-1]) for n, (_, _, width) in zip(nodes, layers))
+
+
 class DenseGraph:
     """The captured dense graph compiled like the locked one (``surelock_fx.optimize.compile_graph``)."""
 

@@ -34,6 +34,9 @@ vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend),
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
 model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of the rows the graph
 computes: with B > 1 every batch row runs as many rows as the one with the most active rows.
+``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
+each sampled step at the locked graph's rows and at the dense rows, interpolated alike): the bound the
+weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
 Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 """
 from __future__ import annotations
@@ -358,10 +361,13 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
 
 
 def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
-                   lock, mask_id, eos, eot) -> dict:
+                   lock, mask_id, eos, eot, gemms, widths: list[int]) -> dict:
     """Estimated decode time per variant from K timed steps (see the module docstring). Pass 0 is
-    always sampled and, for locked variants, is the runner's real first pass (allocations included)."""
+    always sampled and, for locked variants, is the runner's real first pass (allocations included).
+    At each sampled step the model's GEMMs alone (``common.gemm_chain``) are timed too, at the rows
+    of the locked graph (``widths``: its M per batch row) and of the dense one."""
     points = sample_points(steps, k)
+    B, N = x0.shape
     V = next(iter(variants.values())).model.config.vocab_size
     tokens = torch.randint(0, V - 8, x0.shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -369,6 +375,7 @@ def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Te
     runners = {name: v.model.decode_runner(lock, DecodeStats()) if v.kind == "locked" else model_forward(v.model)
                for name, v in variants.items()}
     times = {name: [] for name in variants}
+    gemm_times = {"dense": [], "locked": []}
     with torch.inference_mode():
         for t in points:
             unmasked, first = state_at(plan, order, t)
@@ -379,8 +386,11 @@ def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Te
                     fwd.state.locked = plan.locked(first, t)
                     fwd.state.has_prev[:] = True
                 times[name] += common.time_calls(lambda: decode_step(fwd, x, mask_id, eos, eot), reps=1, warmup=0)
-    return dict(points=points, step_times_s=times,
-                time_s={name: interpolated_total(points, ts, steps) for name, ts in times.items()})
+            for kind, rows in (("dense", B * N), ("locked", B * widths[t])):
+                gemm_times[kind] += common.time_calls(lambda: gemms(rows), reps=1, warmup=int(t == 0))
+    return dict(points=points, step_times_s=times, gemm_step_times_s=gemm_times,
+                time_s={name: interpolated_total(points, ts, steps) for name, ts in times.items()},
+                gemm_time_s={kind: interpolated_total(points, ts, steps) for kind, ts in gemm_times.items()})
 
 
 def exact_decode(variant: Variant, schedule: Schedule, prompt: torch.Tensor, G: int, lock, seed: int, mask_id) -> dict:
@@ -416,6 +426,7 @@ def run(args) -> dict:
     flops = next((v.model.flops for v in variants.values() if v.kind == "locked"), None) \
         or surelock_fx.optimize(model).flops
     gen = torch.Generator().manual_seed(args.seed)
+    gemms, _ = common.gemm_chain(model, max(args.batches) * (args.prompt + max(args.gens)))
     for B, G in configs:
         P, N = args.prompt, args.prompt + G
         label = f"{B}x{G}"
@@ -438,9 +449,11 @@ def run(args) -> dict:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)
         row["compilations_warmup"] = compiles
         with common.count_compilations() as compiles:
-            sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot)
+            sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot, gemms, widths)
             times = dict(sampled["time_s"])
             row["sampled"] = sampled
+            gemm = sampled["gemm_time_s"]
+            row["gemm_efficiency"] = gemm["dense"] / gemm["locked"] * flops_locked / flops_dense
             if row["mode"] == "exact":
                 exact = {name: exact_decode(v, schedule, prompt, G, lock, seed, mask_id) for name, v in variants.items()}
                 row["exact"] = exact

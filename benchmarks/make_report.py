@@ -233,13 +233,18 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
                      f2(t.get("dense/plain")), f2(t.get("dense/eager")), f2(t.get("dense/inductor")),
                      f2(t.get("locked/eager")), f2(t.get("locked/inductor")), f2(r.get("speedup_eager")),
                      f2(r.get("speedup_inductor")), f2(r.get("efficiency_eager")), f2(r.get("efficiency_inductor")),
-                     f2(r.get("speedup_vs_plain_eager")), f2(r.get("speedup_vs_plain_inductor"))])
+                     f2(r.get("gemm_efficiency")), f2(r.get("speedup_vs_plain_eager")),
+                     f2(r.get("speedup_vs_plain_inductor"))])
     out.append("Dense eager and dense inductor are each backend's pipeline without the locking rewrite (packed, "
                "respectively frozen, weights); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
-               "locked with dense on the same backend; the last two columns compare locked with the plain model.")
+               "locked with dense on the same backend; `GEMMs alone` is that efficiency for the model's linear "
+               "layers alone (one oneDNN call each on packed weights) at the rows of each step's locked and dense "
+               "graphs, timed at the sampled steps: the bound that reading the weights every pass and few-row "
+               "GEMMs set, before attention, the sampler and the bookkeeping. The last two columns compare locked "
+               "with the plain model.")
     out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s plain", "tok/s dense eager",
                       "tok/s dense inductor", "tok/s locked eager", "tok/s locked inductor", "speedup eager",
-                      "speedup inductor", "eff. eager", "eff. inductor", "locked eager / plain",
+                      "speedup inductor", "eff. eager", "eff. inductor", "GEMMs alone", "locked eager / plain",
                       "locked inductor / plain"], rows))
     padded = [r for r in d["results"] if "padded_flops_ratio" in r]
     if padded:
@@ -371,6 +376,16 @@ def notes(data: dict) -> str:
                          "runtime's bookkeeping, and because "
                          "the active rows of a step (masked rows plus the few not yet locked) are few at the end of "
                          "a decode, where small-M passes are least efficient.")
+            gemm = [r for r in res if "gemm_efficiency" in r]
+            if gemm:
+                lo_g, hi_g = min(gemm, key=lambda r: r["gemm_efficiency"]), max(gemm, key=lambda r: r["gemm_efficiency"])
+                below = [r for r in gemm if r["gemm_efficiency"] < 0.9]
+                items.append(f"The decodes' GEMMs alone reach an efficiency of {f2(lo_g['gemm_efficiency'])} "
+                             f"(B={lo_g['batch']}, G={lo_g['gen_length']}) to {f2(hi_g['gemm_efficiency'])} "
+                             f"(B={hi_g['batch']}, G={hi_g['gen_length']})"
+                             + (("; below 0.9 at " + ", ".join(f"B={r['batch']} G={r['gen_length']}" for r in below)
+                                 + ", where no decode with these float32 weights can reach 0.9 on this CPU, whatever "
+                                 "the rest of a step costs") if below else "") + ".")
     if sl:
         lowering = sorted({(r["backend"], r["seq"], r["t_plain_s"] / r["t_dense_s"]) for r in sl["results"]})
         items.append("How much of the speedup over the plain model is the lowering rather than the locking: the dense "

@@ -16,7 +16,7 @@ hits all alike; the minimum over the repetitions is reported (load only ever add
     speedup = t_dense / t_locked,  ideal = FLOPs_dense / FLOPs_locked (FlopModel: GEMMs, LM head),
     efficiency = speedup / ideal,  speedup_vs_plain = t_plain / t_locked.
 
-The model's GEMMs alone (``gemm_chain``: its linear layers called back to back on packed weights)
+The model's GEMMs alone (``common.gemm_chain``: its linear layers called back to back on packed weights)
 are timed at the same row counts: their efficiency bounds what a pass at that many rows can reach.
 
 Also reported: the measured crossover (the M/N at which the locked graph stops being faster than
@@ -35,7 +35,6 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.passes import cache_specs  # noqa: E402
-from surelock_fx.passes.prepack_linear_weights import PACKED_LINEAR  # noqa: E402
 
 NAME = "step_latency"
 FULL = dict(preset="bench", seqs=[256, 1024], batch=1, reps=3,
@@ -69,26 +68,6 @@ def locked_inputs(opt, B: int, N: int, M: int, gen: torch.Generator):
     key_mask = torch.ones(B, N, dtype=torch.bool)
     caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype) for s in cache_specs(opt.graph_module)]
     return ids, positions, index, key_mask, caches
-
-
-def gemm_chain(model, max_rows: int):
-    """(``run(rows)``, FLOPs per row): the model's linear layers called one after another on
-    ``rows`` rows of random input, through oneDNN on the packed weights of the eager dense pipeline
-    (``passes.prepack_linear_weights``). ``run`` costs what the GEMMs of a pass cost alone, each
-    weight read from memory once as in a pass: the bound a pass at that many rows cannot beat."""
-    gm = common.compiled_dense(model, "eager").graph
-    nodes = [n for n in gm.graph.nodes if n.target is PACKED_LINEAR]
-    if not nodes:
-        raise RuntimeError("no packed linear layers: this build of torch has no oneDNN")
-    layers = [(getattr(gm, n.args[1].target), None if n.args[2] is None else getattr(gm, n.args[2].target),
-               int(n.args[0].meta["val"].shape[-1])) for n in nodes]
-    inputs = {width: torch.randn(max_rows, width) for _, _, width in layers}
-
-    def run(rows: int):
-        for weight, bias, width in layers:
-            PACKED_LINEAR(inputs[width][:rows], weight, bias, "none", [], "")
-
-    return run, sum(2 * width * int(n.meta["val"].shape[-1]) for n, (_, _, width) in zip(nodes, layers))
 
 
 def crossover(points: list[dict]) -> float | None:
@@ -126,7 +105,7 @@ def run(args) -> dict:
     inputs = {(backend, N, M): locked_inputs(built[backend][0], B, N, M, gen)
               for backend in args.backends for N in args.seqs for M in Ms[N]}
 
-    gemms, _ = gemm_chain(model, B * max(args.seqs))
+    gemms, _ = common.gemm_chain(model, B * max(args.seqs))
 
     def dense_call(backend, N):
         return built[backend][1](ids[N])

@@ -111,7 +111,7 @@ def test_step_latency(out, tiny):
 
 
 def test_gemm_chain_runs_every_linear_of_the_model(tiny):
-    run, flops_per_row = step_latency.gemm_chain(tiny, max_rows=8)
+    run, flops_per_row = common.gemm_chain(tiny, max_rows=8)
     assert flops_per_row == surelock_fx.optimize(tiny).flops.per_row  # every GEMM of a pass, the LM head included
     run(3)  # any row count up to max_rows
 
@@ -166,6 +166,9 @@ def test_decode_e2e(out):
             assert close(r["tokens_per_s"][name], B * G / t)
         assert set(r["sampled"]["step_times_s"]) == {"dense/plain", "dense/eager", "locked/eager"}
         assert r["sampled"]["points"][0] == 0 and r["sampled"]["points"][-1] == G - 1
+        gemm = r["sampled"]["gemm_time_s"]
+        assert close(r["gemm_efficiency"], gemm["dense"] / gemm["locked"] * r["flops_ratio"])
+        assert all(len(ts) == len(r["sampled"]["points"]) for ts in r["sampled"]["gemm_step_times_s"].values())
         assert {"graphs", "recompiles"} <= set(r["compilations_timed"])
     exact = rows[(1, 8)]
     for name in ("dense/plain", "dense/eager", "locked/eager"):
@@ -278,6 +281,9 @@ def test_make_report(out):
                     "## Overheads", "## Comparison with the paper"):
         assert heading in text
     assert "0.73x" in text and "1.17–1.39x" in text
+    e2e = common.read_json(out / "decode_e2e.json")["results"]
+    low = min(r["gemm_efficiency"] for r in e2e)
+    assert f"The decodes' GEMMs alone reach an efficiency of {low:.2f}" in text
     for line in text.splitlines():
         if line.startswith("!["):
             assert (report.parent / line.split("(", 1)[1].rstrip(")")).exists()
