@@ -223,7 +223,7 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
            f"(median {sorted(lags)[len(lags) // 2] if lags else '–'}; {never} of {len(sch['gen_lags'])} never lock), "
            "prompt tokens at the recorded prompt lock steps. The replay decides which rows are locked; all runtime work "
            "is real.",
-           f"`exact` = whole `generate()` decodes; `sampled` = {s['samples']} timed decode steps per variant, "
+           f"`exact` = whole `generate()` decodes (the fastest of {s.get('exact_reps', 1)} per variant, interleaved); `sampled` = {s['samples']} timed decode steps per variant, "
            "interpolated over all G steps (whole decodes of the larger configurations would take hours on this CPU)."]
     rows = []
     for r in d["results"]:
