@@ -384,8 +384,9 @@ def notes(data: dict) -> str:
                              f"(B={lo_g['batch']}, G={lo_g['gen_length']}) to {f2(hi_g['gemm_efficiency'])} "
                              f"(B={hi_g['batch']}, G={hi_g['gen_length']})"
                              + (("; below 0.9 at " + ", ".join(f"B={r['batch']} G={r['gen_length']}" for r in below)
-                                 + ", where no decode with these float32 weights can reach 0.9 on this CPU, whatever "
-                                 "the rest of a step costs") if below else "") + ".")
+                                 + ": there, with float32 weights on this CPU and the rows these graphs compute "
+                                 "(batch padding included), no decode can reach 0.9, whatever the rest of a step "
+                                 "costs") if below else "") + ".")
     if sl:
         lowering = sorted({(r["backend"], r["seq"], r["t_plain_s"] / r["t_dense_s"]) for r in sl["results"]})
         items.append("How much of the speedup over the plain model is the lowering rather than the locking: the dense "
