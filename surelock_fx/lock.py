@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .sampler import rows_per_chunk
+from .sampler import row_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,12 +138,10 @@ class LockState:
     def _sure(self, logits: torch.Tensor, index: torch.Tensor, b, j, shape):
         """(lock decision, KL) for candidate rows (b, j) of ``logits`` [B, M, V] (positions
         ``index`` [B, M]), against their stored logits; the rows are read a few at a time."""
-        new_rows = logits.reshape(-1, logits.shape[-1])
-        size = rows_per_chunk(new_rows)
-        kl = torch.cat([
-            self.kl(new_rows.index_select(0, new), self._logits.index_select(0, prev))
-            for new, prev in zip((b * index.shape[1] + j).split(size), self._rows(index)[b, j].split(size))
-        ])
+        # The buffer holds rows of the same width and dtype as ``logits``: both split into the same chunks.
+        new_chunks = row_chunks(logits.reshape(-1, logits.shape[-1]), b * index.shape[1] + j)
+        prev_chunks = row_chunks(self._logits, self._rows(index)[b, j])
+        kl = torch.cat([self.kl(new, prev) for (_, new), (_, prev) in zip(new_chunks, prev_chunks, strict=True)])
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
             sure &= _most_confident(logits[b, j], b, j, shape, self.config.confidence_gate)
