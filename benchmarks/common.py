@@ -229,7 +229,8 @@ def gemm_chain(model, max_rows: int):
         raise RuntimeError("no packed linear layers: this build of torch has no oneDNN")
     layers = [(getattr(gm, n.args[1].target), None if n.args[2] is None else getattr(gm, n.args[2].target),
                int(n.args[0].meta["val"].shape[-1])) for n in nodes]
-    inputs = {width: torch.randn(max_rows, width) for _, _, width in layers}
+    dtype = cfg_dtype(model)
+    inputs = {width: torch.randn(max_rows, width, dtype=dtype) for _, _, width in layers}
 
     def run(rows: int):
         for weight, bias, width in layers:

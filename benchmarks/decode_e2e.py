@@ -352,7 +352,7 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
                 continue
             V = v.model.config.vocab_size
             for rows in (1, 2):  # separate tensors: dynamo also specialises a storage offset of 0
-                v.model.kl(torch.zeros(rows, V), torch.zeros(rows, V))
+                v.model.kl(torch.zeros(rows, V), torch.zeros(rows, V), torch.zeros(rows))
             runner = v.model.decode_runner(lock, DecodeStats())
             decode_step(runner, x, mask_id, eos, eot)
             t = steps // 2

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .sampler import row_chunks
+from .sampler import row_chunks, rows_per_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +64,7 @@ class LockState:
     padding rows of an active index land."""
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,
-                 kl: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 kl: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
         B, N = first_input.shape
         self.config = config
         self.kl = kl or kl_divergence
@@ -77,6 +77,9 @@ class LockState:
         # is the scratch row, so that ``last_logits`` is a contiguous [B, N, V] view (the sampler's
         # full-vocabulary softmax runs a quarter slower on a strided one). Allocated on the first update.
         self._logits: torch.Tensor | None = None
+        # [B * N + 1] float32: log-sum-exp of each buffer row, computed by the KL rule when the row was
+        # a candidate, NaN until then; the next KL of that row then needs one softmax, not two.
+        self._lse: torch.Tensor | None = None
         # Trace for analysis: the update (step) at which each position locked and its KL then.
         self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=first_input.device)
         self.lock_kl = torch.full((B, N), float("nan"), device=first_input.device)
@@ -104,16 +107,20 @@ class LockState:
         V = logits.shape[-1]
         if self._logits is None:
             self._logits = logits.new_zeros(self.locked.numel() + 1, V)
+            self._lse = torch.full((self.locked.numel() + 1,), float("nan"), device=logits.device)
         with record_function("surelock::store_logits"):
-            self._logits.index_copy_(0, self._rows(index).flatten(), logits.reshape(-1, V))
+            rows = self._rows(index).flatten()
+            self._logits.index_copy_(0, rows, logits.reshape(-1, V))
+            self._lse[rows] = float("nan")
 
     def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
         """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
         input had ``unmasked`` [B, N] positions already decided; then store the logits.
 
         The full-vocabulary KL is computed only for candidates (active rows already unmasked, with
-        a previous pass): log-softmax of their new and stored logits at temperature 1, in float32.
+        a previous pass): their new against their stored logits at temperature 1, in float32.
         """
+        known_lse = None
         if self.config is not None:
             unmasked = self._with_scratch(unmasked)
             candidate = unmasked.gather(1, index) & self.has_prev.gather(1, index)
@@ -122,42 +129,62 @@ class LockState:
             sure = torch.zeros_like(candidate)
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
+                rows = self._rows(index)[b, j]
                 with record_function("surelock::kl"):
-                    sure[b, j], kl = self._sure(logits, index, b, j, candidate.shape)
+                    sure[b, j], kl, lse = self._sure(logits, index, b, j, rows)
+                known_lse = rows, lse
                 locking = sure[b, j]
-                rows, positions = b[locking], index[b, j][locking]
-                self.lock_step[rows, positions] = self.updates
-                self.lock_kl[rows, positions] = kl[locking]
+                batch_rows, positions = b[locking], index[b, j][locking]
+                self.lock_step[batch_rows, positions] = self.updates
+                self.lock_kl[batch_rows, positions] = kl[locking]
             self.has_prev.scatter_(1, index, True)
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
         self.store(index, logits)
+        if known_lse is not None:  # the candidates' next KL reuses their log-sum-exp
+            self._lse[known_lse[0]] = known_lse[1]
         self.updates += 1
 
-    def _sure(self, logits: torch.Tensor, index: torch.Tensor, b, j, shape):
-        """(lock decision, KL) for candidate rows (b, j) of ``logits`` [B, M, V] (positions
-        ``index`` [B, M]), against their stored logits; the rows are read a few at a time."""
+    def _sure(self, logits: torch.Tensor, index: torch.Tensor, b, j, prev_rows: torch.Tensor):
+        """(lock decision, KL, log-sum-exp of the new logits) for candidate rows (b, j) of ``logits``
+        [B, M, V] (positions ``index`` [B, M]) against their buffer rows ``prev_rows``, read a few at a time."""
+        prev_lse = self._lse[prev_rows]
+        missing = prev_lse.isnan().nonzero().squeeze(1)
+        if missing.numel():
+            prev_lse[missing] = torch.cat([log_sum_exp(prev) for _, prev in row_chunks(self._logits, prev_rows[missing])])
         # The buffer holds rows of the same width and dtype as ``logits``: both split into the same chunks.
         new_chunks = row_chunks(logits.reshape(-1, logits.shape[-1]), b * index.shape[1] + j)
-        prev_chunks = row_chunks(self._logits, self._rows(index)[b, j])
-        kl = torch.cat([self.kl(new, prev) for (_, new), (_, prev) in zip(new_chunks, prev_chunks, strict=True)])
+        prev_chunks = row_chunks(self._logits, prev_rows)
+        lse_chunks = prev_lse.split(rows_per_chunk(self._logits))
+        kl, lse = map(torch.cat, zip(*(self.kl(new, prev, lse) for (_, new), (_, prev), lse
+                                       in zip(new_chunks, prev_chunks, lse_chunks, strict=True))))
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            sure &= _most_confident(logits[b, j], b, j, shape, self.config.confidence_gate)
-        return sure, kl
+            sure &= _most_confident(logits[b, j], b, j, index.shape, self.config.confidence_gate)
+        return sure, kl, lse
 
 
-def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || p_prev) per row of [C, V] logits, at temperature 1, in float32.
+def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
+    """log sum exp per row of [C, V] logits, in float32, from softmax: its largest probability is
+    1 / sum exp(l - max l). On CPU, softmax's kernels have their own vectorized exp, several times
+    faster than ``aten::exp`` (MKL's, on AMD CPUs), which ``torch.logsumexp`` calls."""
+    x = logits.float()
+    return x.amax(-1) - torch.softmax(x, dim=-1).amax(-1).log()
 
-    p comes from softmax, not from exp of the log-softmax: on CPU, softmax's kernels have their
-    own vectorized exp, several times faster than ``aten::exp`` (MKL's, on AMD CPUs); and the
-    differences are taken in place, so that three row-size temporaries are allocated, not five.
+
+def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor, prev_lse: torch.Tensor):
+    """(KL(p || p_prev), log-sum-exp of ``logits``) per row of [C, V] logits at temperature 1, in
+    float32, given the previous rows' log-sum-exp ``prev_lse`` [C] (``log_sum_exp``).
+
+    KL = sum p * ((l - l_prev) - (lse - lse_prev)): one softmax over the vocabulary per row (see
+    ``log_sum_exp``), its log-sum-exp reused by the row's next KL; differences taken in place.
     """
     new, prev = logits.float(), prev_logits.float()
-    log_ratio = torch.log_softmax(new, dim=-1).sub_(torch.log_softmax(prev, dim=-1))
-    return torch.softmax(new, dim=-1).mul_(log_ratio).sum(-1)
+    p = torch.softmax(new, dim=-1)
+    lse = new.amax(-1) - p.amax(-1).log()
+    kl = (new - prev).sub_((lse - prev_lse).unsqueeze(-1)).mul_(p).sum(-1)
+    return kl, lse
 
 
 def _most_confident(logits: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:

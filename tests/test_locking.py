@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import surelock_fx
-from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence
+from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence, log_sum_exp
 from surelock_fx.reference import reference_generate
 
 from helpers import hf_llama_from_llada, tiny_model
@@ -105,6 +105,11 @@ def test_locked_decode_of_transformers_llama_equals_reference_semantics(model):
     assert torch.equal(surelock_fx.generate(optimized, p, **kw).tokens, reference_generate(llama, p, **kw).tokens)
 
 
+def direct_kl(new, old):
+    p, q = new.log_softmax(-1), old.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
 def test_kl_lock_rule_matches_a_direct_computation(logits_chunks):
     gen = torch.Generator().manual_seed(0)
     B, N, V = 2, 6, 11
@@ -115,19 +120,52 @@ def test_kl_lock_rule_matches_a_direct_computation(logits_chunks):
     first = torch.randn(B, N, V, generator=gen)
     state.update(index, first, x != MASK)
     assert not state.locked.any()  # D_1 = +inf
-    second = first + 0.3 * torch.randn(B, N, V, generator=gen)
+    change = torch.tensor([0.3, 0.3, 0.3, 2.0, 0.3, 0.3])[:, None]  # position 3 stays unconverged
+    second = first + change * torch.randn(B, N, V, generator=gen)
     unmasked = x != MASK
     unmasked[:, 2:4] = True  # decided before the second pass
     state.update(index, second, unmasked)
-    p, q = second.log_softmax(-1), first.log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1)
+    kl = direct_kl(second, first)
     expected = (kl <= 0.05) & unmasked
     expected[:, :2] = False  # lock_prompt=False
     assert torch.equal(state.locked, expected)
-    assert expected.any()
+    assert expected.any() and not expected[:, 3].any()
     assert torch.equal(state.lock_step, torch.where(expected, 1, -1))  # locked at the second update
     torch.testing.assert_close(state.lock_kl[expected], kl[expected])
     assert state.lock_kl[~expected].isnan().all()
+    # A third pass: position 3, a candidate that did not lock, reuses its log-sum-exp from the second
+    # update's KL; position 4, unmasked since, computes its stored row's afresh. Both against a direct KL.
+    index, _ = active_index(state.locked)
+    change = torch.tensor([0.2, 0.2, 0.2, 0.2, 2.0, 0.2, 0.0])[index, None]  # position 4 changes a lot
+    third = torch.stack([second[b, index[b]] for b in range(B)]) + change * torch.randn(B, index.shape[1], V, generator=gen)
+    unmasked[:, 4] = True
+    state.update(index, third, unmasked)
+    kl = torch.stack([direct_kl(third[b], second[b, index[b]]) for b in range(B)])
+    candidate = torch.stack([unmasked[b, index[b]] for b in range(B)])
+    candidate &= index >= 2
+    sure = (kl <= 0.05) & candidate
+    for b in range(B):
+        assert torch.equal(state.lock_step[b, index[b]], torch.where(sure[b], 2, -1))
+        torch.testing.assert_close(state.lock_kl[b, index[b]][sure[b]], kl[b][sure[b]])
+    assert sure[index == 3].all() and not sure[index == 4].any()
+
+
+def test_kl_after_a_pass_that_was_no_candidate_reads_the_stored_logits_afresh():
+    """A row remasked for one pass (a sampler may remask) is stored without a KL: its next KL must
+    not reuse the log-sum-exp of the logits before."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.full((1, 3), MASK)
+    state = LockState(LockConfig(kl_threshold=1e-3), x, MASK)
+    index, _ = active_index(state.locked)
+    passes = [torch.randn(1, 3, 7, generator=gen) for _ in range(3)]
+    passes[2] += 5.0 + 1e-3 * torch.randn(1, 3, 7, generator=gen)  # shifted: a different log-sum-exp
+    for logits, unmasked in zip(passes, (False, True, False)):
+        state.update(index, logits, torch.full((1, 3), unmasked))
+    assert not state.locked.any()
+    fourth = passes[2] + 1e-3 * torch.randn(1, 3, 7, generator=gen)
+    state.update(index, fourth, torch.ones(1, 3, dtype=torch.bool))
+    assert state.locked.all()
+    torch.testing.assert_close(state.lock_kl[0], direct_kl(fourth[0], passes[2][0]))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
@@ -140,10 +178,15 @@ def test_kl_divergence_matches_float64_reference(compiled):
         new = old + 0.01 * torch.randn(C, V, generator=gen) + 20 if near else 4 * torch.randn(C, V, generator=gen)
         p, q = new.double().softmax(-1), old.double().softmax(-1)
         expected = (p * (p.log() - q.log())).sum(-1)
-        torch.testing.assert_close(kl(new, old).double(), expected, rtol=1e-4, atol=1e-5)
+        old_lse = log_sum_exp(old)
+        torch.testing.assert_close(old_lse.double(), old.double().logsumexp(-1), rtol=1e-6, atol=1e-6)
+        divergence, lse = kl(new, old, old_lse)
+        torch.testing.assert_close(divergence.double(), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lse.double(), new.double().logsumexp(-1), rtol=1e-6, atol=1e-6)
         # bfloat16 logits are upcast: the KL is computed in float32
-        torch.testing.assert_close(kl(new.bfloat16(), old.bfloat16()),
-                                   kl_divergence(new.bfloat16().float(), old.bfloat16().float()), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl(new.bfloat16(), old.bfloat16(), old_lse)[0],
+                                   kl_divergence(new.bfloat16().float(), old.bfloat16().float(), old_lse)[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
