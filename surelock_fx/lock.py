@@ -130,6 +130,9 @@ class LockState:
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
                 rows = self._rows(index)[b, j]
+                # rows whose stored log-sum-exp is unknown first, so that few chunks compute it
+                order = torch.argsort(~self._lse[rows].isnan(), stable=True)
+                b, j, rows = b[order], j[order], rows[order]
                 with record_function("surelock::kl"):
                     sure[b, j], kl, lse = self._sure(logits, index, b, j, rows)
                 known_lse = rows, lse
@@ -150,19 +153,22 @@ class LockState:
         """(lock decision, KL, log-sum-exp of the new logits) for candidate rows (b, j) of ``logits``
         [B, M, V] (positions ``index`` [B, M]) against their buffer rows ``prev_rows``, read a few at a time."""
         prev_lse = self._lse[prev_rows]
-        missing = prev_lse.isnan().nonzero().squeeze(1)
-        if missing.numel():
-            prev_lse[missing] = torch.cat([log_sum_exp(prev) for _, prev in row_chunks(self._logits, prev_rows[missing])])
         # The buffer holds rows of the same width and dtype as ``logits``: both split into the same chunks.
         new_chunks = row_chunks(logits.reshape(-1, logits.shape[-1]), b * index.shape[1] + j)
         prev_chunks = row_chunks(self._logits, prev_rows)
         lse_chunks = prev_lse.split(rows_per_chunk(self._logits))
-        kl, lse = map(torch.cat, zip(*(self.kl(new, prev, lse) for (_, new), (_, prev), lse
+        kl, lse = map(torch.cat, zip(*(self.kl(new, prev, _known_lse(prev, lse)) for (_, new), (_, prev), lse
                                        in zip(new_chunks, prev_chunks, lse_chunks, strict=True))))
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
             sure &= _most_confident(logits[b, j], b, j, index.shape, self.config.confidence_gate)
         return sure, kl, lse
+
+
+def _known_lse(rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` [C] of ``rows`` [C, V], with unknown (NaN) entries computed."""
+    missing = lse.isnan()
+    return torch.where(missing, log_sum_exp(rows), lse) if missing.any() else lse
 
 
 def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
