@@ -47,8 +47,12 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_tokenizer(path: Path):
-    """The Hugging Face tokenizer saved in the checkpoint directory, from local files only."""
-    from transformers import AutoTokenizer
+    """The Hugging Face tokenizer saved in the checkpoint directory, from local files only.
+
+    Its class comes from tokenizer_config.json: AutoTokenizer is given an empty model config, since
+    the checkpoint's config.json (model_type 'llada', remote code) is not one transformers can read.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise CLIError(
@@ -56,7 +60,7 @@ def load_tokenizer(path: Path):
             "there with tokenizer.save_pretrained"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())
     except (OSError, ValueError, KeyError) as err:
         raise CLIError(
             f"could not load the tokenizer in {path}: {first_line(err)}"

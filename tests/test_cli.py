@@ -88,6 +88,7 @@ def test_console_script(checkpoint, model):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected_answer(model, ["t5", "t17", "t3"])
+    assert "model of type" not in result.stderr  # transformers reading the LLaDA config.json as its own
 
 
 ERROR_CASES = {
