@@ -71,8 +71,8 @@ class OptimizedModel(torch.nn.Module):
         self.bucket = bucket
         self.compile_seconds = compile_seconds
         self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend)
-        # The lock rule's full-vocabulary KL costs about as much per row as the LM head; inductor
-        # fuses its softmaxes and reduction into one pass.
+        # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
+        # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
 
     def forward(self, input_ids, position_ids, active_index, key_mask, *caches):
