@@ -126,14 +126,48 @@ def num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
     return base + extra.long()
 
 
-def gumbel_noise(shape, temperature: float, device=None, generator=None) -> torch.Tensor:
-    """The reference's Gumbel denominators (-log U)^temperature, U uniform in float64."""
-    noise = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
-    return (-torch.log(noise)) ** temperature
+class GumbelNoise:
+    """The reference's Gumbel denominators (-log U)^temperature for [rows, V] logits, U uniform in
+    float64 from one ``torch.rand`` of all rows, handed out a few rows at a time (``take``).
+
+    On CPU a generator fills a tensor sequentially, so U is drawn a block of rows at a time and only
+    the rows taken are kept and transformed: the same numbers as one whole draw, without holding
+    rows x V float64 (2 GB at B=8, N=1088, V=32000). Other devices draw U whole.
+    """
+
+    def __init__(self, rows: int, vocab: int, temperature: float, device, generator):
+        self.rows, self.vocab, self.temperature = rows, vocab, temperature
+        self.device, self.generator = torch.device(device), generator
+        self.whole = None if self.device.type == "cpu" else self._draw(rows)
+        self.drawn = 0  # rows of U drawn so far, on CPU
+
+    def _draw(self, rows: int) -> torch.Tensor:
+        return torch.rand((rows, self.vocab), dtype=torch.float64, device=self.device, generator=self.generator)
+
+    def _blocks(self, end: int):
+        """(first row, block of U) for the rows from ``drawn`` up to ``end``, CHUNK_BYTES at a time."""
+        per_block = max(1, CHUNK_BYTES // (self.vocab * 8))
+        while self.drawn < end:
+            start, self.drawn = self.drawn, min(end, self.drawn + per_block)
+            yield start, self._draw(self.drawn - start)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """The denominators [len(rows), V] of ``rows``: ascending, after every row taken before."""
+        if self.whole is not None:
+            uniform = self.whole.index_select(0, rows)
+        else:
+            uniform = torch.cat([block.index_select(0, rows[(rows >= start) & (rows < start + len(block))] - start)
+                                 for start, block in self._blocks(int(rows[-1]) + 1)])
+        return (-torch.log(uniform)) ** self.temperature
+
+    def finish(self) -> None:
+        """Draw the rows never taken, so that the generator ends where one whole draw leaves it."""
+        for _ in self._blocks(self.rows):
+            pass
 
 
 def add_gumbel_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Gumbel-max scores in float64: exp(logits) / noise, for ``noise`` from ``gumbel_noise``."""
+    """Gumbel-max scores in float64: exp(logits) / noise, for ``noise`` from ``GumbelNoise``."""
     return logits.to(torch.float64).exp() / noise
 
 
@@ -163,13 +197,13 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
 
     Only masked positions take a proposal, and only those of the current block a confidence; their
     logits are read once, a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is
-    drawn for every position, as the reference draws it. The mask token is never proposed:
+    drawn for every position, as the reference draws it (``GumbelNoise``). The mask token is never proposed:
     committing it would leave the position masked (and stall threshold decoding forever). Trained
     models give it no mass, so this changes nothing for them.
     """
     B, N, V = logits.shape
     rows_of = logits.reshape(B * N, V)
-    noise = None if temperature == 0 else gumbel_noise((B * N, V), temperature, x.device, generator)
+    noise = None if temperature == 0 else GumbelNoise(B * N, V, temperature, x.device, generator)
     live = mask_index.clone()
     live[:, block_end:] = False
     live_rows = live.flatten()
@@ -180,7 +214,7 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     x0_p = torch.full((B * N,), -torch.inf, device=x.device)
     for rows, chunk in row_chunks(rows_of, mask_index.flatten().nonzero().squeeze(1)):
         chunk[:, logits_banned] = -torch.inf
-        scores = chunk if noise is None else add_gumbel_noise(chunk, noise.index_select(0, rows))
+        scores = chunk if noise is None else add_gumbel_noise(chunk, noise.take(rows))
         x0[rows] = proposals_argmax(scores, mask_id)
         if scored:
             chunk[:, confidence_banned] = -torch.inf
@@ -188,6 +222,8 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
             if not keep.all():
                 rows, chunk = rows[keep], chunk[keep]
             x0_p[rows] = F.softmax(chunk.float(), dim=-1).gather(-1, x0[rows, None]).squeeze(-1)
+    if noise is not None:
+        noise.finish()
     if not scored:
         x0_p[live_rows] = torch.rand(x.shape, device=x.device, generator=generator)[live]
     return x0.view(B, N), x0_p.view(B, N)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from helpers import tiny_config, tiny_model
 from surelock_fx import generate
-from surelock_fx.sampler import ARGMAX_BLOCK, first_argmax, proposals_argmax
+import surelock_fx.sampler
+from surelock_fx.sampler import ARGMAX_BLOCK, GumbelNoise, first_argmax, proposals_argmax
 
 MASK, EOS, EOT, VOCAB = 100, 99, 98, 101
 
@@ -358,3 +359,20 @@ def test_first_argmax_is_torch_argmax(vocab, dtype):
         assert torch.equal(first_argmax(scores), scores.argmax(-1)), trial
     fresh = torch.randn(7, vocab, generator=gen, dtype=dtype)
     assert torch.equal(first_argmax(fresh), fresh.argmax(-1))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 7 * 8, 1 << 20], ids=["row-blocks", "3-row-blocks", "one-block"])
+def test_gumbel_noise_drawn_in_blocks_is_one_whole_draw(monkeypatch, chunk_bytes):
+    """Rows taken in ascending chunks, then ``finish``: the reference's numbers, and the generator
+    left where the reference's one draw of all rows leaves it."""
+    monkeypatch.setattr(surelock_fx.sampler, "CHUNK_BYTES", chunk_bytes)
+    rows, vocab, temperature = 11, 7, 0.7
+    generator = torch.Generator().manual_seed(3)
+    whole = (-torch.log(torch.rand(rows, vocab, dtype=torch.float64, generator=generator))) ** temperature
+    after_whole = torch.rand(4, generator=generator)
+    generator.manual_seed(3)
+    noise = GumbelNoise(rows, vocab, temperature, "cpu", generator)
+    for taken in ([1, 2], [5], [6, 7, 9]):  # rows 0, 3, 4, 8 and 10 are never taken
+        assert torch.equal(noise.take(torch.tensor(taken)), whole[taken])
+    noise.finish()
+    assert torch.equal(torch.rand(4, generator=generator), after_whole)
