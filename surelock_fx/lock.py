@@ -161,7 +161,8 @@ class LockState:
                                        in zip(new_chunks, prev_chunks, lse_chunks, strict=True))))
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            sure &= _most_confident(logits[b, j], b, j, index.shape, self.config.confidence_gate)
+            uncertainty = 1 - (logits.amax(-1)[b, j].float() - lse).exp()
+            sure &= _most_confident(uncertainty, b, j, index.shape, self.config.confidence_gate)
         return sure, kl, lse
 
 
@@ -193,11 +194,9 @@ def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor, prev_lse: tor
     return kl, lse
 
 
-def _most_confident(logits: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
-    """For candidate rows (b, j) with logits [C, V]: whether each one's uncertainty 1 - max p is
-    within the ``fraction``-quantile of its batch row's candidates."""
-    logits = logits.float()
-    uncertainty = 1 - (logits.max(dim=-1).values - torch.logsumexp(logits, dim=-1)).exp()
+def _most_confident(uncertainty: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
+    """For candidate rows (b, j) of a [B, M] index with ``uncertainty`` 1 - max p [C]: whether each
+    one's is within the ``fraction``-quantile of its batch row's candidates."""
     masked = torch.full(shape, float("nan"), dtype=uncertainty.dtype, device=uncertainty.device)
     masked[b, j] = uncertainty
     cutoff = torch.nanquantile(masked, fraction, dim=1)
