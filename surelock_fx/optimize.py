@@ -11,7 +11,7 @@ from torch._inductor import config as inductor_config
 from .capture import capture
 from .export import backend_graph, check_backend
 from .lock import LockConfig, kl_divergence
-from .passes import cache_specs, lock_rows, prepack_linear_weights, update_caches_in_place
+from .passes import cache_specs, index_copy_cache_updates, lock_rows, prepack_linear_weights, update_caches_in_place
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
@@ -43,13 +43,16 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def compile_graph(gm: fx.GraphModule, backend: str):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
     (``gm`` stays functional, for export): K/V caches updated in place
-    (passes.update_caches_in_place), then for "eager" the CPU linear weights packed once
+    (passes.update_caches_in_place), then for "eager" their rows written by index_copy_
+    (passes.index_copy_cache_updates) and the CPU linear weights packed once
     (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, frozen weights:
     later changes to the model's weights are not seen)."""
     if backend not in ("eager", "inductor"):
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
-    return FrozenInductor(runnable) if backend == "inductor" else prepack_linear_weights(runnable)
+    if backend == "inductor":
+        return FrozenInductor(runnable)
+    return prepack_linear_weights(index_copy_cache_updates(runnable))
 
 
 class OptimizedModel(torch.nn.Module):

@@ -1,0 +1,64 @@
+"""Write the K/V rows of a locked graph's in-place cache updates with index_copy_, not scatter_."""
+from __future__ import annotations
+
+import itertools
+import operator
+
+import torch
+from torch import fx
+
+from .lock_rows import cache_specs, is_locked
+from .update_caches_in_place import SCATTER_IN_PLACE
+
+aten = torch.ops.aten
+INDEX_COPY = aten.index_copy_.default
+
+
+def _flat_rows(graph: fx.Graph, active_index: fx.Node, cache: fx.Node, heads: int, device: torch.device) -> fx.Node:
+    """[B * H * M] rows of the cache viewed as [B * H * (N + 1), D] that ``active_index`` [B, M] names, per head."""
+    call = graph.call_function
+    batch = call(aten.sym_size.int, (active_index, 0))
+    slots = call(aten.sym_size.int, (cache, 2))
+    heads_of_batch = call(aten.arange.default, (call(operator.mul, (batch, heads)),), {"device": device})
+    starts = call(aten.mul.Tensor, (call(aten.view.default, (heads_of_batch, [batch, heads, 1])), slots))
+    rows = call(aten.add.Tensor, (starts, call(aten.unsqueeze.default, (active_index, 1))))
+    return call(aten.reshape.default, (rows, [-1]))
+
+
+def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turn each ``scatter_`` of active rows into a cache input into ``index_copy_`` of those rows
+    into the cache viewed as [B * H * (N + 1), D].
+
+    On CPU, ``index_copy_`` copies the rows 3-4x faster than ``scatter_`` copies their elements
+    (B=8, N=320, M=160, 8 heads of 64: 1.3 ms -> 0.3 ms, 16 times a pass). Preconditions: a locked
+    graph with its caches updated in place (``update_caches_in_place``), whose scatter index is
+    ``active_index`` [B, M] expanded over heads and head_dim (as ``lock_rows`` emits it), and
+    contiguous cache inputs at run time (as the runtime allocates them). Padding rows write to the
+    scratch slot either way. Other graphs are left unchanged. For the eager backend: inductor
+    compiles the scatter itself into its generated code.
+    """
+    if not is_locked(gm):
+        return gm
+    device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device  # the inputs' too
+    names = {spec.name: spec for spec in cache_specs(gm)}
+    active_index = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "active_index")
+    rows_of: dict[int, fx.Node] = {}  # heads -> flat rows, shared by the caches of that many heads
+    for node in list(gm.graph.nodes):
+        if node.target is not SCATTER_IN_PLACE or node.args[0].name not in names:
+            continue
+        cache, dim, _, src = node.args
+        spec = names[cache.name]
+        if dim != 2:
+            continue
+        with gm.graph.inserting_before(node):
+            if spec.heads not in rows_of:
+                rows_of[spec.heads] = _flat_rows(gm.graph, active_index, cache, spec.heads, device)
+            flat_cache = gm.graph.call_function(aten.view.default, (cache, [-1, spec.head_dim]))
+            flat_src = gm.graph.call_function(aten.reshape.default, (src, [-1, spec.head_dim]))
+            gm.graph.call_function(INDEX_COPY, (flat_cache, 0, rows_of[spec.heads], flat_src))
+        node.replace_all_uses_with(cache)
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
