@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny LLaDA configs and models, and an independent transformers reference.
+"""Shared test helpers: tiny LLaDA configs and models, graph checks, and an independent transformers reference.
 
 ``hf_llama_from_llada`` maps an ``LLaDAModel``'s weights onto transformers' ``LlamaForCausalLM``
 with bidirectional attention (DESIGN §3), which computes the same function through code this
@@ -7,6 +7,7 @@ project did not write.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -40,6 +41,11 @@ BLOCK_TO_LLAMA = {
     "up_proj": "mlp.up_proj",
     "ff_out": "mlp.down_proj",
 }
+
+
+def counts(gm) -> Counter:
+    """Call-function nodes of a graph module, by target."""
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def tiny_config(**overrides) -> LLaDAConfig:
@@ -144,3 +150,24 @@ def save_task_checkpoint(path):
     save_model(LLaDAModel(config), path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def assert_in_place_graph_matches_functional(locked, rewritten, B: int, N: int, M: int) -> None:
+    """``rewritten``, a locked graph that updates its caches in place, against the functional
+    ``locked`` on random inputs with padding rows: the same logits, and its cache inputs returned,
+    holding what ``locked`` returns (the scratch slot aside: padding rows write it in any order)."""
+    from surelock_fx.passes import cache_specs
+
+    gen = torch.Generator().manual_seed(B * N + M)
+    index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
+    index[-1, M // 2:] = N  # padding rows of the last batch row aim at the scratch slot
+    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen) for s in cache_specs(locked)]
+    inputs = (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
+              torch.ones(B, N, dtype=torch.bool))
+    with torch.no_grad():
+        expected = locked(*inputs, *caches)
+        got = rewritten(*inputs, *caches)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    for out, cache, want in zip(got[1:], caches, expected[1:], strict=True):
+        assert out is cache  # updated in place
+        torch.testing.assert_close(cache[:, :, :N], want[:, :, :N], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,4 @@
 """The locking rewrite: graph structure, error cases and numerics against the dense reference semantics."""
-from collections import Counter
 
 import pytest
 import torch
@@ -14,14 +13,10 @@ from surelock_fx.passes.row_analysis import SDPA
 from surelock_fx.reference import ReplaceLockedKV
 from surelock_fx.sampler import model_forward
 
-from helpers import hf_llama_from_llada, tiny_model
+from helpers import counts, hf_llama_from_llada, tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-def counts(gm):
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def placeholders(gm):

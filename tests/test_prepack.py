@@ -1,6 +1,5 @@
 """prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unpacked graph,
 and the compiled backends (eager with packed weights, inductor with frozen ones) against the locking semantics."""
-from collections import Counter
 
 import pytest
 import torch
@@ -11,16 +10,12 @@ from surelock_fx.optimize import compile_graph
 from surelock_fx.passes import cache_specs, lock_rows, prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
-from helpers import tiny_model
+from helpers import counts, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="prepacking needs a torch build with oneDNN (mkldnn)")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def counts(gm):
-    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
 def locked_inputs(gm, B, N, M, gen, dtype):
