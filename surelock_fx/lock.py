@@ -172,12 +172,17 @@ def _known_lse(rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(missing, log_sum_exp(rows), lse) if missing.any() else lse
 
 
+def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax, log-sum-exp) per row of float32 [C, V] logits; the log-sum-exp from the softmax's
+    largest probability, 1 / sum exp(l - max l). On CPU, softmax's kernels have their own vectorized
+    exp, several times faster than ``aten::exp`` (MKL's, on AMD CPUs), which ``torch.logsumexp`` calls."""
+    p = torch.softmax(x, dim=-1)
+    return p, x.amax(-1) - p.amax(-1).log()
+
+
 def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
-    """log sum exp per row of [C, V] logits, in float32, from softmax: its largest probability is
-    1 / sum exp(l - max l). On CPU, softmax's kernels have their own vectorized exp, several times
-    faster than ``aten::exp`` (MKL's, on AMD CPUs), which ``torch.logsumexp`` calls."""
-    x = logits.float()
-    return x.amax(-1) - torch.softmax(x, dim=-1).amax(-1).log()
+    """log sum exp per row of [C, V] logits, in float32 (``_softmax_and_lse``)."""
+    return _softmax_and_lse(logits.float())[1]
 
 
 def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor, prev_lse: torch.Tensor):
@@ -185,11 +190,10 @@ def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor, prev_lse: tor
     float32, given the previous rows' log-sum-exp ``prev_lse`` [C] (``log_sum_exp``).
 
     KL = sum p * ((l - l_prev) - (lse - lse_prev)): one softmax over the vocabulary per row (see
-    ``log_sum_exp``), its log-sum-exp reused by the row's next KL; differences taken in place.
+    ``_softmax_and_lse``), its log-sum-exp reused by the row's next KL; differences taken in place.
     """
     new, prev = logits.float(), prev_logits.float()
-    p = torch.softmax(new, dim=-1)
-    lse = new.amax(-1) - p.amax(-1).log()
+    p, lse = _softmax_and_lse(new)
     kl = (new - prev).sub_((lse - prev_lse).unsqueeze(-1)).mul_(p).sum(-1)
     return kl, lse
 
