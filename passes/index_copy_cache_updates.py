@@ -25,6 +25,17 @@ def _flat_rows(graph: fx.Graph, active_index: fx.Node, cache: fx.Node, heads: in
     return call(aten.reshape.default, (rows, [-1]))
 
 
+def _rows_of_active_index(index: fx.Node, active_index: fx.Node) -> bool:
+    """Whether a scatter index is ``active_index`` [B, M] unsqueezed to [B, 1, M, 1] and expanded."""
+    if index.target is not aten.expand.default:
+        return False
+    inner = index.args[0]
+    if inner.target is not aten.unsqueeze.default or inner.args[1] != -1:
+        return False
+    inner = inner.args[0]
+    return inner.target is aten.unsqueeze.default and inner.args[1] == 1 and inner.args[0] is active_index
+
+
 def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
     """Turn each ``scatter_`` of active rows into a cache input into ``index_copy_`` of those rows
     into the cache viewed as [B * H * (N + 1), D].
@@ -34,7 +45,7 @@ def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
     graph with its caches updated in place (``update_caches_in_place``), whose scatter index is
     ``active_index`` [B, M] expanded over heads and head_dim (as ``lock_rows`` emits it), and
     contiguous cache inputs at run time (as the runtime allocates them). Padding rows write to the
-    scratch slot either way. Other graphs are left unchanged. For the eager backend: inductor
+    scratch slot either way. Other graphs, and scatters with another index, are left unchanged. For the eager backend: inductor
     compiles the scatter itself into its generated code.
     """
     if not is_locked(gm):
@@ -46,9 +57,9 @@ def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.target is not SCATTER_IN_PLACE or node.args[0].name not in names:
             continue
-        cache, dim, _, src = node.args
+        cache, dim, index, src = node.args
         spec = names[cache.name]
-        if dim != 2:
+        if dim != 2 or not _rows_of_active_index(index, active_index):
             continue
         with gm.graph.inserting_before(node):
             if spec.heads not in rows_of:

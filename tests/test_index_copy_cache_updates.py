@@ -47,6 +47,18 @@ def test_graphs_without_in_place_cache_updates_are_left_alone(locked, make):
     assert index_copy_cache_updates(gm).code == code
 
 
+def test_scatter_with_another_index_is_left_alone(locked):
+    """Only scatters whose index is the active rows (as lock_rows emits it) are rewritten."""
+    gm = update_caches_in_place(copy_graph_module(locked))
+    scatter = next(n for n in gm.graph.nodes if n.target is SCATTER_IN_PLACE)
+    with gm.graph.inserting_before(scatter):
+        other = gm.graph.call_function(torch.ops.aten.clone.default, (scatter.args[2],))
+    scatter.args = (scatter.args[0], scatter.args[1], other, scatter.args[3])
+    gm.recompile()
+    gm = index_copy_cache_updates(gm)
+    assert counts(gm)[SCATTER_IN_PLACE] == 1 and counts(gm)[INDEX_COPY] == len(cache_specs(locked)) - 1
+
+
 @pytest.mark.parametrize("B, N, M", [(1, 7, 1), (3, 10, 10), (2, 12, 5)])
 def test_index_copy_graph_matches_functional_and_updates_its_inputs(locked, B, N, M):
     assert_in_place_graph_matches_functional(locked, rewritten(locked), B, N, M)
