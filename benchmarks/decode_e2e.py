@@ -12,7 +12,7 @@
    every batch size B and generation length G: each prompt token locks at a step drawn from the
    recorded prompt lock steps, each generated token a lag drawn from the recorded lags after it is
    unmasked (seeded draws, identical for every variant). The runtime does all its real per-step
-   work (active index, graph, KL on the candidate rows, logits store); the replay only decides
+   work (active index, graph, KL on the candidate rows); the replay only decides
    which rows are locked, so the active-fraction curve is the recorded one whatever the random
    model predicts. Sampler: LLaDA's, one block, steps = G, temperature 0, low_confidence.
 3. **Time five variants** on identical schedules: locked eager and locked inductor
@@ -338,6 +338,11 @@ def interpolated_total(points: list[int], times: list[float], steps: int) -> flo
     return total
 
 
+def decided(x: torch.Tensor, positions: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``x`` with token 0 at the masked ones of ``positions`` [B, N]: a state in which they are decided."""
+    return x.masked_fill(positions & (x == mask_id), 0)
+
+
 def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
     """Compile the inductor variants for this shape, untimed: the lock rule's KL (one and several
     candidate rows), a full-width, a mid-decode and a single-row pass (dynamo specialises a size of 1,
@@ -356,11 +361,12 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
             runner = v.model.decode_runner(lock, DecodeStats())
             decode_step(runner, x, mask_id, eos, eot)
             t = steps // 2
-            runner.state.locked = plan.locked(state_at(plan, order, t)[1], t)
-            decode_step(runner, x, mask_id, eos, eot)
+            unmasked, first = state_at(plan, order, t)
+            runner.state.locked = plan.locked(first, t)
+            decode_step(runner, decided(x, unmasked, mask_id), mask_id, eos, eot)
             runner.state.locked = torch.ones_like(runner.state.locked)
-            runner.state.locked[:, -1] = False
-            decode_step(runner, x, mask_id, eos, eot)
+            runner.state.locked[:, -1] = False  # every other position decided, as locked ones are
+            decode_step(runner, decided(x, runner.state.locked, mask_id), mask_id, eos, eot)
 
 
 def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
@@ -387,7 +393,6 @@ def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Te
                 fwd = runners[name]
                 if v.kind == "locked" and t > 0:
                     fwd.state.locked = plan.locked(first, t)
-                    fwd.state.has_prev[:] = True
                 times[name] += common.time_calls(lambda: decode_step(fwd, x, mask_id, eos, eot), reps=1, warmup=0)
             for kind, rows in (("dense", B * N), ("locked", B * widths[t])):
                 gemm_times[kind] += common.time_calls(lambda: gemms(rows), reps=1, warmup=int(t == 0))

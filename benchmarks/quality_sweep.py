@@ -49,7 +49,8 @@ def lock_grid(full: bool) -> list[surelock_fx.LockConfig | None]:
     gates, prompts = ([None, 0.2], [True, False]) if full else ([None], [True])
     locks = [None]
     for eps, gate, prompt in itertools.product(EPSILONS, gates, prompts):
-        locks.append(surelock_fx.LockConfig(kl_threshold=eps, confidence_gate=gate, lock_prompt=prompt))
+        locks.append(surelock_fx.LockConfig(kl_threshold=eps, confidence_gate=gate, lock_prompt=prompt,
+                                            keep_locked_logits=True))  # for drift_points
     return locks
 
 
@@ -78,7 +79,7 @@ def drift_points(model, tokenizer, prompts, run) -> list[tuple[float, float]]:
         full_mask = torch.cat([mask, torch.ones_like(final[:, ids.shape[1]:])], dim=1)
         with torch.inference_mode():
             dense = torch.log_softmax(model(final, attention_mask=full_mask).float(), dim=-1)
-        frozen = torch.log_softmax(state.last_logits[:, : final.shape[1]].float(), dim=-1)
+        frozen = torch.log_softmax(state.locked_logits[:, : final.shape[1]].float(), dim=-1)
         b, j = (state.locked & (torch.arange(final.shape[1]) >= ids.shape[1])).nonzero(as_tuple=True)
         drift = (frozen[b, j] - dense[b, j]).abs().amax(-1)
         points += list(zip(state.lock_kl[b, j].tolist(), drift.tolist()))

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .sampler import row_chunks, rows_per_chunk
+from .sampler import RowLogits, row_chunks, rows_per_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,8 @@ class LockConfig:
     lock_prompt: whether prompt positions may lock. Default True: the prompt's predictions are
         never used by the sampler, only its keys and values, so locking it costs no accuracy in
         our sweep (BENCHMARKS.md) and saves the most compute.
+    keep_locked_logits: for analysis, keep each position's logits from the pass in which it locked
+        (``LockState.locked_logits`` [B, N, V], NaN where unlocked; one row copy per locked position).
 
     A position locks only if its token was already unmasked in the forward pass that produced
     p_t, so the keys and values cached for it reflect its committed token. (The paper's
@@ -34,6 +36,7 @@ class LockConfig:
     kl_threshold: float = 5e-3
     confidence_gate: float | None = None
     lock_prompt: bool = True
+    keep_locked_logits: bool = False
 
     def __post_init__(self):
         if not self.kl_threshold >= 0:
@@ -60,109 +63,121 @@ def active_index(locked: torch.Tensor, bucket: int = 1, full_from: float = 1.0) 
 
 
 class LockState:
-    """Lock mask and latest logits of one decode; per-row tensors carry a scratch column N where
-    padding rows of an active index land."""
+    """Lock mask of one decode and the logits of its latest pass, compact (the active rows only): the
+    KL rule's previous logits, and what a runner hands the sampler. Per-position tensors carry a
+    scratch column N where padding rows of an active index land.
+
+    Locking is monotone, so every row active in a pass was active in the pass before (if any), and a
+    KL candidate's previous logits are among the latest pass's rows: no [B, N, V] buffer is kept.
+    """
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,
                  kl: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
         B, N = first_input.shape
+        device = first_input.device
         self.config = config
         self.kl = kl or kl_divergence
         self.seq = N
-        self.locked = torch.zeros(B, N, dtype=torch.bool, device=first_input.device)
+        self.locked = torch.zeros(B, N, dtype=torch.bool, device=device)
         self.prompt = self._with_scratch(first_input != mask_id)
-        self.has_prev = torch.zeros(B, N + 1, dtype=torch.bool, device=first_input.device)
-        # [B * N + 1, V]: raw logits of each row's latest active pass (p_{t-1} of the KL rule, and
-        # what a runner hands the sampler): row b * N + i is position i of batch row b, the last row
-        # is the scratch row, so that ``last_logits`` is a contiguous [B, N, V] view (the sampler's
-        # full-vocabulary softmax runs a quarter slower on a strided one). Allocated on the first update.
-        self._logits: torch.Tensor | None = None
-        # [B * N + 1] float32: log-sum-exp of each buffer row, computed by the KL rule when the row was
-        # a candidate, NaN until then; the next KL of that row then needs one softmax, not two.
+        # The latest pass: its logits [B * M, V] (row b * M + j: batch row b, index column j), the row of
+        # each position [B, N + 1] (-1: not computed), and each row's log-sum-exp [B * M] in float32,
+        # computed by the KL rule where the row was a candidate and NaN elsewhere, so that the row's
+        # next KL needs one softmax, not two.
+        self.logits: torch.Tensor | None = None
+        self.row = torch.full((B, N + 1), -1, dtype=torch.long, device=device)
         self._lse: torch.Tensor | None = None
-        # Trace for analysis: the update (step) at which each position locked and its KL then.
-        self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=first_input.device)
-        self.lock_kl = torch.full((B, N), float("nan"), device=first_input.device)
+        # Trace for analysis: the update (step) at which each position locked, its KL then, and (if
+        # the config keeps them) its logits from that pass, the last it was computed in.
+        self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=device)
+        self.lock_kl = torch.full((B, N), float("nan"), device=device)
+        self.locked_logits: torch.Tensor | None = None
         self.updates = 0
 
     @staticmethod
     def _with_scratch(rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
 
-    @property
-    def last_logits(self) -> torch.Tensor | None:
-        """[B, N, V] (contiguous): the logits of each position's latest active pass."""
-        if self._logits is None:
-            return None
-        return self._logits[: self.locked.numel()].view(*self.locked.shape, -1)
+    def latest(self) -> RowLogits:
+        """The latest pass's logits and the row of each position (-1 for locked positions)."""
+        return RowLogits(self.logits, self.row[:, : self.seq])
 
-    def _rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows of the logits buffer for positions ``index`` [B, M] (padding index N: the scratch row)."""
-        B, N = self.locked.shape
-        base = torch.arange(B, device=index.device)[:, None] * N
-        return torch.where(index < N, base + index, B * N)
-
-    def store(self, index: torch.Tensor, logits: torch.Tensor) -> None:
-        """Write the logits [B, M, V] of rows ``index`` [B, M] into the buffer (row copies)."""
-        V = logits.shape[-1]
-        if self._logits is None:
-            self._logits = logits.new_zeros(self.locked.numel() + 1, V)
-            self._lse = torch.full((self.locked.numel() + 1,), float("nan"), device=logits.device)
-        with record_function("surelock::store_logits"):
-            rows = self._rows(index).flatten()
-            self._logits.index_copy_(0, rows, logits.reshape(-1, V))
-            self._lse[rows] = float("nan")
+    def release(self, unmasked: torch.Tensor, incoming: int) -> None:
+        """Before a pass that returns ``incoming`` rows of logits from an input with ``unmasked`` [B, N]
+        positions decided: if the latest pass's rows and those would outnumber the B x N positions (the
+        first pass's logits, which bound a decode's logits memory otherwise), keep only the rows a KL
+        will read (none without a lock rule), copied out."""
+        if self.logits is None or len(self.logits) + incoming <= self.locked.numel():
+            return
+        keep = torch.zeros_like(self.locked) if self.config is None else self._candidates(unmasked)[:, : self.seq]
+        rows = self.row[:, : self.seq][keep]
+        self.logits, self._lse = self.logits.index_select(0, rows), self._lse[rows]
+        self.row = torch.full_like(self.row, -1)
+        self.row[:, : self.seq][keep] = torch.arange(len(rows), device=rows.device)
 
     def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
         """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
-        input had ``unmasked`` [B, N] positions already decided; then store the logits.
+        input had ``unmasked`` [B, N] positions already decided; then keep the logits as the latest.
 
-        The full-vocabulary KL is computed only for candidates (active rows already unmasked, with
-        a previous pass): their new against their stored logits at temperature 1, in float32.
+        The full-vocabulary KL is computed only for candidates (active rows already unmasked, also
+        computed in the latest pass): their new against their previous logits at temperature 1, in float32.
         """
-        known_lse = None
+        B, M = index.shape
+        logits = logits.reshape(B * M, -1)
+        if self.logits is not None and logits.data_ptr() == self.logits.data_ptr():
+            raise ValueError("the locked graph returned the logits tensor of its previous call, which the lock "
+                             "rule still reads; a backend must return a fresh logits tensor per call")
+        lse = torch.full((B * M,), float("nan"), device=logits.device)
         if self.config is not None:
-            unmasked = self._with_scratch(unmasked)
-            candidate = unmasked.gather(1, index) & self.has_prev.gather(1, index)
-            if not self.config.lock_prompt:
-                candidate &= ~self.prompt.gather(1, index)
+            prev_row = self.row.gather(1, index)
+            candidate = self._candidates(unmasked).gather(1, index)
             sure = torch.zeros_like(candidate)
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
-                rows = self._rows(index)[b, j]
-                # rows whose stored log-sum-exp is unknown first, so that few chunks compute it
-                order = torch.argsort(~self._lse[rows].isnan(), stable=True)
-                b, j, rows = b[order], j[order], rows[order]
+                prev = prev_row[b, j]
+                # rows whose previous log-sum-exp is unknown first, so that few chunks compute it
+                order = torch.argsort(~self._lse[prev].isnan(), stable=True)
+                b, j, prev = b[order], j[order], prev[order]
+                rows = b * M + j
                 with record_function("surelock::kl"):
-                    sure[b, j], kl, lse = self._sure(logits, index, b, j, rows)
-                known_lse = rows, lse
+                    sure[b, j], kl, lse[rows] = self._sure(logits, rows, prev, b, j, index.shape)
                 locking = sure[b, j]
-                batch_rows, positions = b[locking], index[b, j][locking]
-                self.lock_step[batch_rows, positions] = self.updates
-                self.lock_kl[batch_rows, positions] = kl[locking]
-            self.has_prev.scatter_(1, index, True)
+                self._trace(b[locking], index[b, j][locking], kl[locking], logits, rows[locking])
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
-        self.store(index, logits)
-        if known_lse is not None:  # the candidates' next KL reuses their log-sum-exp
-            self._lse[known_lse[0]] = known_lse[1]
+        self.row = torch.full_like(self.row, -1).scatter_(1, index, torch.arange(B * M, device=index.device).view(B, M))
+        self.logits, self._lse = logits, lse
         self.updates += 1
 
-    def _sure(self, logits: torch.Tensor, index: torch.Tensor, b, j, prev_rows: torch.Tensor):
-        """(lock decision, KL, log-sum-exp of the new logits) for candidate rows (b, j) of ``logits``
-        [B, M, V] (positions ``index`` [B, M]) against their buffer rows ``prev_rows``, read a few at a time."""
-        prev_lse = self._lse[prev_rows]
-        # The buffer holds rows of the same width and dtype as ``logits``: both split into the same chunks.
-        new_chunks = row_chunks(logits.reshape(-1, logits.shape[-1]), b * index.shape[1] + j)
-        prev_chunks = row_chunks(self._logits, prev_rows)
-        lse_chunks = prev_lse.split(rows_per_chunk(self._logits))
-        kl, lse = map(torch.cat, zip(*(self.kl(new, prev, _known_lse(prev, lse)) for (_, new), (_, prev), lse
-                                       in zip(new_chunks, prev_chunks, lse_chunks, strict=True))))
+    def _candidates(self, unmasked: torch.Tensor) -> torch.Tensor:
+        """[B, N + 1]: the positions whose KL a pass with ``unmasked`` [B, N] decided computes: unlocked,
+        decided, computed in the latest pass, and not in the prompt unless the prompt may lock."""
+        candidates = self._with_scratch(unmasked & ~self.locked) & (self.row >= 0)
+        return candidates if self.config.lock_prompt else candidates & ~self.prompt
+
+    def _trace(self, batch_rows, positions, kl, logits, rows) -> None:
+        """Record the positions locking now: their step, their KL, and (if kept) their ``rows`` of ``logits``."""
+        self.lock_step[batch_rows, positions] = self.updates
+        self.lock_kl[batch_rows, positions] = kl
+        if self.config.keep_locked_logits:
+            if self.locked_logits is None:
+                self.locked_logits = logits.new_full((*self.locked.shape, logits.shape[-1]), float("nan"))
+            self.locked_logits[batch_rows, positions] = logits[rows]
+
+    def _sure(self, logits: torch.Tensor, rows: torch.Tensor, prev: torch.Tensor, b, j, shape):
+        """(lock decision, KL, log-sum-exp of the new logits) for candidate rows ``rows`` of ``logits``
+        [B * M, V] (index entries (b, j) of an index of ``shape``) against rows ``prev`` of the latest
+        pass's logits, read a few at a time."""
+        # Both logits have rows of the same width and dtype: they split into the same chunks.
+        lse_chunks = self._lse[prev].split(rows_per_chunk(self.logits))
+        kl, lse = map(torch.cat, zip(*(self.kl(new, old, _known_lse(old, old_lse)) for new, old, old_lse
+                                       in zip(row_chunks(logits, rows), row_chunks(self.logits, prev), lse_chunks,
+                                              strict=True))))
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
-            uncertainty = 1 - (logits.amax(-1)[b, j].float() - lse).exp()
-            sure &= _most_confident(uncertainty, b, j, index.shape, self.config.confidence_gate)
+            uncertainty = 1 - (logits.amax(-1)[rows].float() - lse).exp()
+            sure &= _most_confident(uncertainty, b, j, shape, self.config.confidence_gate)
         return sure, kl, lse
 
 

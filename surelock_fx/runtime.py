@@ -1,13 +1,14 @@
 """The decode runtime: feeds a locked graph its active rows and caches every step.
 
-A runner is the forward function the sampler calls, ``(x [B, N], attention_mask) -> logits
-[B, N, V]``; behind it, only the active rows are computed and the lock state is updated from
-their logits. Rows that are locked return stale logits: the sampler never reads them, since a
-locked position is already unmasked.
+A runner is the forward function the sampler calls, ``(x [B, N], attention_mask) -> RowLogits``:
+only the active rows are computed, the lock state is updated from their logits, and those logits are
+returned as they came out of the graph, with the row of each position (-1 for locked positions: the
+sampler never reads them, since a locked position is already unmasked).
 
 Per step the runner's own work (profiled under the ``surelock::*`` record_function labels) is:
-building the active index, running the graph, the KL lock rule on the candidate rows and copying
-the M rows of logits into the lock state's buffer, whose contiguous [B, N, V] view it hands the sampler.
+building the active index, releasing the previous pass's logits that no KL will read when the new
+ones would otherwise be held alongside them all (``LockState.release``), running the graph, and the
+KL lock rule on the candidate rows.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.profiler import record_function
 from .lock import LockConfig, LockState, active_index
 from .passes import CacheSpec
 from .passes.row_analysis import SDPA
-from .sampler import DecodeStats, special_ids
+from .sampler import DecodeStats, RowLogits, special_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,7 @@ class LockedRunner:
         self.positions = torch.arange(N, device=x.device).expand(B, N)
         self.stats.flops_dense = self.stats.flops_locked = 0
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> RowLogits:
         B, N = x.shape
         if self.state is None:
             self._start(x)
@@ -88,12 +89,14 @@ class LockedRunner:
         key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         with record_function("surelock::index"):
             index, counts = active_index(self.state.locked, self.bucket, self.full_from)
+        with record_function("surelock::release"):
+            self.state.release(x != self.mask_id, index.numel())
         with record_function("surelock::graph"):
             logits, *self.caches = self.graph(x, self.positions, index, key_mask, *self.caches)
         self._record(counts, N)
         with record_function("surelock::lock_update"):
             self.state.update(index, logits, x != self.mask_id)
-        return self.state.last_logits
+        return self.state.latest()
 
     def _record(self, counts: torch.Tensor, N: int) -> None:
         stats = self.stats

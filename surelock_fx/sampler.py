@@ -1,8 +1,9 @@
 """The LLaDA reference sampler (DESIGN §2), with Fast-dLLM threshold decoding.
 
-``generate`` only sees a forward function ``(x [B, N], attention_mask) -> logits [B, N, V]``:
-for a plain model that is its forward; for an optimized model it is a locked-decode runner that
-keeps its own lock state and caches (see ``surelock_fx.runtime``). The sampler is the same for both.
+``generate`` only sees a forward function ``(x [B, N], attention_mask) -> logits``: for a plain
+model that is its forward, returning [B, N, V]; for an optimized model it is a locked-decode runner
+that keeps its own lock state and caches (see ``surelock_fx.runtime``) and returns the logits of the
+rows it computed (``RowLogits``). The sampler is the same for both: it reads masked positions only.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-Forward = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Forward = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | RowLogits"]
 REMASKING = ("low_confidence", "random")
 
 
@@ -31,7 +32,7 @@ class DecodeStats:
     flops_dense: float | None = None
     flops_locked: float | None = None
     unmask_step: torch.Tensor | None = None  # [B, N]: step that committed each position, -1 for the prompt
-    lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, last_logits)
+    lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, locked_logits)
 
     @property
     def flops_ratio(self) -> float | None:
@@ -45,6 +46,38 @@ class DecodeStats:
         if not totals:
             return None
         return sum(a / t for a, t in zip(self.active_counts, totals)) / len(totals)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLogits:
+    """Logits of some positions of a [B, N] batch: ``rows`` [R, V] and ``row`` [B, N], the row of
+    each position (-1 where none was computed)."""
+
+    rows: torch.Tensor
+    row: torch.Tensor
+
+    @classmethod
+    def of(cls, logits: "torch.Tensor | RowLogits") -> "RowLogits":
+        """``logits`` as RowLogits; a dense [B, N, V] tensor is viewed, not copied."""
+        if isinstance(logits, RowLogits):
+            return logits
+        B, N, V = logits.shape
+        return cls(logits.reshape(B * N, V), torch.arange(B * N, device=logits.device).view(B, N))
+
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rows of ``positions`` [B, N] (bool); a clear error if one was not computed."""
+        rows = self.row[positions]
+        if (rows < 0).any():
+            raise ValueError("the forward returned no logits for a position the sampler reads (a masked one); "
+                             "a locked runner computes every unlocked position, and masked ones never lock")
+        return rows
+
+    def to_dense(self) -> torch.Tensor:
+        """[B, N, V] logits, NaN where no row was computed."""
+        dense = self.rows.new_full((*self.row.shape, self.rows.shape[-1]), float("nan"))
+        known = self.row >= 0
+        dense[known] = self.rows[self.row[known]]
+        return dense
 
 
 @dataclasses.dataclass
@@ -182,27 +215,38 @@ def model_forward(model: torch.nn.Module) -> Forward:
 
 
 def guided_logits(forward: Forward, x, attention_mask, prompt_index, cfg_scale, mask_id):
-    """Logits of one step; with CFG the unconditional half has its prompt replaced by masks."""
+    """Logits of one step; with CFG the unconditional half has its prompt replaced by masks, and
+    RowLogits are combined at the masked positions only (the rows the sampler reads)."""
     if cfg_scale <= 0:
         return forward(x, attention_mask)
     un_x = x.masked_fill(prompt_index, mask_id)
     mask2 = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    cond, uncond = forward(torch.cat([x, un_x]), mask2).chunk(2)
-    return uncond + (cfg_scale + 1) * (cond - uncond)
+    both = forward(torch.cat([x, un_x]), mask2)
+    if isinstance(both, torch.Tensor):
+        cond, uncond = both.chunk(2)
+        return uncond + (cfg_scale + 1) * (cond - uncond)
+    masked = x == mask_id
+    halves = [RowLogits(both.rows, half).rows_at(masked) for half in both.row.chunk(2)]
+    cond, uncond = (both.rows.index_select(0, rows) for rows in halves)
+    row = torch.full_like(x, -1)
+    row[masked] = torch.arange(len(halves[0]), device=x.device)
+    return RowLogits(uncond + (cfg_scale + 1) * (cond - uncond), row)
 
 
 def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, remasking, eos, eot,
                     logits_eos_inf, confidence_eos_eot_inf, generator):
     """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change.
 
-    Only masked positions take a proposal, and only those of the current block a confidence; their
-    logits are read once, a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is
+    ``logits`` is [B, N, V] or RowLogits. Only masked positions take a proposal, and only those of the
+    current block a confidence; their logits are read once, a few rows at a time (``row_chunks``),
+    never copied whole. The Gumbel noise is
     drawn for every position, as the reference draws it (``GumbelNoise``). The mask token is never proposed:
     committing it would leave the position masked (and stall threshold decoding forever). Trained
     models give it no mass, so this changes nothing for them.
     """
-    B, N, V = logits.shape
-    rows_of = logits.reshape(B * N, V)
+    logits = RowLogits.of(logits)
+    B, N = x.shape
+    V = logits.rows.shape[-1]
     noise = None if temperature == 0 else GumbelNoise(B * N, V, temperature, x.device, generator)
     live = mask_index.clone()
     live[:, block_end:] = False
@@ -212,7 +256,9 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     confidence_banned = [tok for tok in (eos, eot) if tok is not None] if confidence_eos_eot_inf else []
     x0 = x.flatten().clone()
     x0_p = torch.full((B * N,), -torch.inf, device=x.device)
-    for rows, chunk in row_chunks(rows_of, mask_index.flatten().nonzero().squeeze(1)):
+    positions = mask_index.flatten().nonzero().squeeze(1)
+    for rows, chunk in zip(positions.split(rows_per_chunk(logits.rows)),
+                           row_chunks(logits.rows, logits.rows_at(mask_index))):
         chunk[:, logits_banned] = -torch.inf
         scores = chunk if noise is None else add_gumbel_noise(chunk, noise.take(rows))
         x0[rows] = proposals_argmax(scores, mask_id)
@@ -241,9 +287,9 @@ def rows_per_chunk(rows_of: torch.Tensor) -> int:
 
 
 def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor):
-    """(rows, a copy of their logits), a chunk of ``rows`` at a time."""
+    """Copies of ``rows`` of ``rows_of`` [R, V], ``rows_per_chunk`` rows at a time."""
     for part in rows.split(rows_per_chunk(rows_of)):
-        yield part, rows_of.index_select(0, part)
+        yield rows_of.index_select(0, part)
 
 
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -343,6 +389,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
                 mask_index = x == mask_id
                 logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id)
                 x0, confidence = step_candidates(logits, x, mask_index, hi, **candidates)
+                del logits  # not held through the next forward pass
                 if threshold:
                     transfer = select_threshold(confidence, threshold)
                 else:

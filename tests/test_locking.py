@@ -168,6 +168,73 @@ def test_kl_after_a_pass_that_was_no_candidate_reads_the_stored_logits_afresh():
     torch.testing.assert_close(state.lock_kl[0], direct_kl(fourth[0], passes[2][0]))
 
 
+def test_lock_state_hands_out_the_latest_pass_and_keeps_logits_at_lock():
+    """``latest()`` maps each active position to its row of the latest pass (-1 once locked), and
+    ``keep_locked_logits`` keeps a locked position's logits from the pass in which it locked."""
+    gen = torch.Generator().manual_seed(8)
+    B, N, V = 2, 5, 13
+    x = torch.ones(B, N, dtype=torch.long)
+    x[:, 3:] = MASK
+    state = LockState(LockConfig(kl_threshold=1e-3, keep_locked_logits=True), x, MASK)
+    first = torch.randn(B, N, V, generator=gen)
+    second = first + 1e-4 * torch.randn(B, N, V, generator=gen)
+    second[:, 1] += torch.randn(B, V, generator=gen)  # position 1 has not converged
+    index, _ = active_index(state.locked)
+    for logits in (first, second):
+        state.update(index, logits.clone(), x != MASK)
+        assert torch.equal(state.latest().to_dense(), logits)  # all computed, locking ones included
+    locked = torch.tensor([True, False, True, False, False]).expand(B, N)
+    assert torch.equal(state.locked, locked)
+    assert torch.equal(state.locked_logits[locked], second[locked])
+    assert state.locked_logits[~locked].isnan().all()
+    index, _ = active_index(state.locked)
+    third = torch.randn(B, 3, V, generator=gen)
+    state.update(index, third, x != MASK)
+    assert (state.latest().row[locked] == -1).all()
+    assert torch.equal(state.latest().to_dense()[~locked].view(B, 3, V), third)
+    assert torch.equal(state.locked_logits[locked], second[locked])  # kept from the lock pass
+
+
+@pytest.mark.parametrize("config", [LockConfig(kl_threshold=0.05), LockConfig(kl_threshold=0.05, lock_prompt=False), None],
+                         ids=["lock", "prompt-unlocked", "no-lock"])
+def test_release_keeps_the_rows_the_next_kl_reads_and_changes_no_decision(config):
+    gen = torch.Generator().manual_seed(9)
+    B, N, V = 2, 8, 17
+    x = torch.full((B, N), MASK)
+    x[:, :2] = 1  # prompt
+    first = torch.randn(B, N, V, generator=gen)
+    second = first + 0.2 * torch.randn(B, N, V, generator=gen)
+    unmasked = x != MASK
+    unmasked[:, 2] = True  # decided by the first step
+    released, kept = LockState(config, x, MASK), LockState(config, x, MASK)
+    index, _ = active_index(released.locked)
+    for state in (released, kept):
+        state.update(index, first.clone(), x != MASK)
+    held = kept.logits
+    kept.release(unmasked, 0)  # the latest rows and none new fit in B x N rows: nothing to release
+    assert kept.logits is held
+    released.release(unmasked, index.numel())
+    assert len(released.logits) == (0 if config is None else (3 if config.lock_prompt else 1) * B)
+    dense = released.latest().to_dense()
+    assert torch.equal(dense[released.latest().row >= 0], first[released.latest().row >= 0])
+    for state in (released, kept):
+        state.update(index, second.clone(), unmasked)
+    assert torch.equal(released.locked, kept.locked)
+    torch.testing.assert_close(released.lock_kl, kept.lock_kl, equal_nan=True)
+    assert config is None or kept.locked.any()
+
+
+def test_a_graph_returning_its_previous_logits_tensor_is_a_clear_error():
+    """A backend that reuses its output buffer would overwrite the logits the KL rule compares against."""
+    x = torch.ones(1, 4, dtype=torch.long)
+    state = LockState(LockConfig(), x, MASK)
+    index, _ = active_index(state.locked)
+    reused = torch.randn(1, 4, 6)
+    state.update(index, reused, x != MASK)
+    with pytest.raises(ValueError, match="fresh logits tensor per call"):
+        state.update(index, reused, x != MASK)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_kl_divergence_matches_float64_reference(compiled):
     kl = torch.compile(kl_divergence, dynamic=True) if compiled else kl_divergence
@@ -208,7 +275,7 @@ def test_confidence_gate_keeps_only_the_most_confident():
     logits = torch.zeros(B, N, V)
     logits[0, :, 0] = sharpness
     state.update(index, logits, x != MASK)
-    state.update(index, logits, x != MASK)
+    state.update(index, logits.clone(), x != MASK)
     assert state.locked.tolist() == [[False, False, False, True, True]]
 
 

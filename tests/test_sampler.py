@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from helpers import tiny_config, tiny_model
 from surelock_fx import generate
 import surelock_fx.sampler
-from surelock_fx.sampler import ARGMAX_BLOCK, GumbelNoise, first_argmax, proposals_argmax
+from surelock_fx.sampler import (ARGMAX_BLOCK, GumbelNoise, RowLogits, first_argmax, guided_logits,
+                                 proposals_argmax, step_candidates)
 
 MASK, EOS, EOT, VOCAB = 100, 99, 98, 101
 
@@ -376,3 +377,58 @@ def test_gumbel_noise_drawn_in_blocks_is_one_whole_draw(monkeypatch, chunk_bytes
         assert torch.equal(noise.take(torch.tensor(taken)), whole[taken])
     noise.finish()
     assert torch.equal(torch.rand(4, generator=generator), after_whole)
+
+
+def compact(logits: torch.Tensor, computed: torch.Tensor, seed: int) -> RowLogits:
+    """RowLogits holding the ``computed`` [B, N] positions of dense ``logits``, in shuffled row order."""
+    B, N, V = logits.shape
+    positions = computed.flatten().nonzero().squeeze(1)
+    order = positions[torch.randperm(len(positions), generator=torch.Generator().manual_seed(seed))]
+    row = torch.full((B * N,), -1)
+    row[order] = torch.arange(len(order))
+    return RowLogits(logits.reshape(B * N, V)[order].clone(), row.view(B, N))
+
+
+def random_step(B=3, N=9, V=23, seed=0):
+    """(logits [B, N, V], x [B, N], masked [B, N], computed [B, N]): masked positions and some others computed."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(B, N, V, generator=gen)
+    masked = torch.rand(B, N, generator=gen) < 0.5
+    masked[:, 0] = True
+    x = torch.where(masked, MASK, torch.randint(0, MASK, (B, N), generator=gen))
+    return logits, x, masked, masked | (torch.rand(B, N, generator=gen) < 0.5)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.0, remasking="low_confidence"),
+                                     dict(temperature=0.9, remasking="low_confidence"),
+                                     dict(temperature=0.5, remasking="random")], ids=["greedy", "gumbel", "random"])
+def test_step_candidates_on_row_logits_equal_the_dense_tensor(options, logits_chunks):
+    logits, x, masked, computed = random_step(seed=1)
+    results = []
+    for given in (logits, compact(logits, computed, seed=2)):
+        results.append(step_candidates(given, x, masked, 6, mask_id=MASK, eos=None, eot=None, logits_eos_inf=False,
+                                       confidence_eos_eot_inf=False, generator=torch.Generator().manual_seed(3),
+                                       **options))
+    for dense, rows in zip(*results):
+        assert torch.equal(dense, rows)
+
+
+def test_guided_row_logits_equal_dense_cfg_at_masked_positions():
+    logits, x, masked, computed = random_step(B=2, seed=4)
+    prompt_index = ~masked & (torch.arange(x.shape[1]) < 3)
+    both = torch.cat([logits, logits.flip(-1)])  # the unconditional half: other logits
+    both_computed = torch.cat([computed, computed | prompt_index])
+    dense = guided_logits(lambda x2, m: both, x, None, prompt_index, 1.5, MASK)
+    rows = guided_logits(lambda x2, m: compact(both, both_computed, seed=5), x, None, prompt_index, 1.5, MASK)
+    assert torch.equal(rows.to_dense()[masked], dense[masked])
+    assert rows.to_dense()[~masked].isnan().all()
+
+
+def test_row_logits_without_a_masked_position_is_a_clear_error():
+    logits, x, masked, _ = random_step(seed=6)
+    missing = masked.clone()
+    missing[0, 0] = False
+    with pytest.raises(ValueError, match="no logits for a position the sampler reads"):
+        step_candidates(compact(logits, missing, seed=7), x, masked, 9, mask_id=MASK, temperature=0.0,
+                        remasking="low_confidence", eos=None, eot=None, logits_eos_inf=False,
+                        confidence_eos_eot_inf=False, generator=None)
