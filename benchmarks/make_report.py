@@ -281,15 +281,15 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
         ph = st["phases_s"]
         rows.append([st["backend"], st["batch"], st["step"], f2(st["fraction"]), st["graph_width"], st["kl_candidates"],
                      f1(st["step_profiled_s"] * 1e3), pct(st["graph_share"]), pct(st["bookkeeping_share"]),
-                     f1(ph.get("index", 0) * 1e3), f1(ph.get("kl", 0) * 1e3),
+                     f1(ph.get("index", 0) * 1e3), f1(ph.get("release", 0) * 1e3), f1(ph.get("kl", 0) * 1e3),
                      f1(ph["cache_scatter"] * 1e3) if st["backend"] == "eager" and "cache_scatter" in ph else "fused",
                      pct(st["sampler_share"]), f1(st["bookkeeping_s"] * 1e3), f1(st["legacy_bookkeeping_s"] * 1e3)])
     out.append(f"Per decode step (G = {s['gen']}, P = {s['prompt']}, replayed schedule; profiled, best of {s['reps']}): "
-               "bookkeeping = runner time outside the graph (index, KL, lock-mask and row-map updates, stats); "
+               "bookkeeping = runner time outside the graph (index, release of old logits, KL, lock-mask and row-map updates, stats); "
                "sampler = the sampler's own work on the returned logits (same for dense decoding). Last column: the "
                "first runtime's KL/buffer bookkeeping on the same tensors.")
     out.append(table(["backend", "B", "step", "M/N", "graph M", "KL rows", "step ms", "graph", "bookkeeping",
-                      "index ms", "KL ms", "K/V cache scatter ms (in graph)", "sampler", "bookkeeping ms",
+                      "index ms", "release ms", "KL ms", "K/V cache scatter ms (in graph)", "sampler", "bookkeeping ms",
                       "first runtime ms"], rows))
     out += [f"![overhead]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)

@@ -8,8 +8,8 @@
    torch._dynamo's counters.
 2. **Per-step bookkeeping**: complete decode steps of the locked runner at several points of a
    replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
-   its phases (``surelock::index``, ``surelock::graph``, ``surelock::lock_update`` with
-   ``surelock::kl`` inside); the sampler's work is labelled here;
+   its phases (``surelock::index``, ``surelock::release``, ``surelock::graph``,
+   ``surelock::lock_update`` with ``surelock::kl`` inside); the sampler's work is labelled here;
    the K/V cache updates inside the graph are the eager graph's ``aten::scatter_`` ops.
    Reported per step: wall time, each phase's share, and the bookkeeping share
    (runner time - graph time) / step time. For comparison, the bookkeeping of the first runtime
@@ -38,8 +38,8 @@ from surelock_fx.passes import lock_rows  # noqa: E402
 from surelock_fx.sampler import DecodeStats, select_topk, special_ids, step_candidates  # noqa: E402
 
 NAME = "overhead"
-LABELS = ("surelock::index", "surelock::graph", "surelock::lock_update", "surelock::kl", "bench::runner",
-          "bench::sampler")
+LABELS = ("surelock::index", "surelock::release", "surelock::graph", "surelock::lock_update", "surelock::kl",
+          "bench::runner", "bench::sampler")
 FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=1, points=5, reps=2, backends=["eager", "inductor"])
 QUICK = dict(preset="small", batches=[1], gen=32, prompt=16, bucket=8, points=3, reps=1, backends=["eager", "inductor"])
 
@@ -166,7 +166,10 @@ def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[d
         """Put the runner in the decode's state before pass ``t``; (its input, locked rows)."""
         unmasked, first = decode_e2e.state_at(plan, order, t)
         locked = plan.locked(first, t) if t else torch.zeros_like(plan.prompt)
-        runner.state.locked = locked
+        if t:
+            runner.state.locked = locked
+        else:  # the decode's first pass: a fresh lock state and caches
+            runner.state = None
         return torch.where(unmasked & ~plan.prompt, tokens, x0), locked
 
     rows = []
