@@ -289,7 +289,7 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
                "sampler = the sampler's own work on the returned logits (same for dense decoding). Last column: the "
                "first runtime's KL/buffer bookkeeping on the same tensors.")
     out.append(table(["backend", "B", "step", "M/N", "graph M", "KL rows", "step ms", "graph", "bookkeeping",
-                      "index ms", "release ms", "KL ms", "K/V cache scatter ms (in graph)", "sampler", "bookkeeping ms",
+                      "index ms", "release ms", "KL ms", "K/V cache writes ms (in graph)", "sampler", "bookkeeping ms",
                       "first runtime ms"], rows))
     out += [f"![overhead]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)

@@ -10,7 +10,7 @@
    replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
    its phases (``surelock::index``, ``surelock::release``, ``surelock::graph``,
    ``surelock::lock_update`` with ``surelock::kl`` inside); the sampler's work is labelled here;
-   the K/V cache updates inside the graph are the eager graph's ``aten::scatter_`` ops.
+   the K/V cache updates inside the graph are the eager graph's ``aten::index_copy_`` ops.
    Reported per step: wall time, each phase's share, and the bookkeeping share
    (runner time - graph time) / step time. For comparison, the bookkeeping of the first runtime
    (log-softmax and KL over all M rows against a [B, N + 1, V] log-prob buffer gathered and
@@ -40,6 +40,7 @@ from surelock_fx.sampler import DecodeStats, select_topk, special_ids, step_cand
 NAME = "overhead"
 LABELS = ("surelock::index", "surelock::release", "surelock::graph", "surelock::lock_update", "surelock::kl",
           "bench::runner", "bench::sampler")
+CACHE_UPDATE_OPS = ("aten::index_copy_", "aten::scatter", "aten::scatter_")
 FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=1, points=5, reps=2, backends=["eager", "inductor"])
 QUICK = dict(preset="small", batches=[1], gen=32, prompt=16, bucket=8, points=3, reps=1, backends=["eager", "inductor"])
 
@@ -126,10 +127,21 @@ def profiled_step(runner, x, mask_id, eos, eot) -> tuple[float, dict]:
         wall = time.perf_counter() - start
     events = prof.key_averages()
     labels = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
-    # the K/V cache updates inside the graph: aten::scatter_ (in place) in the eager graph (inductor fuses
-    # them into its generated kernels, where they cannot be told apart)
-    labels["cache_scatter"] = sum(e.self_cpu_time_total for e in events if e.key in ("aten::scatter", "aten::scatter_")) / 1e6
+    # the K/V cache updates inside the graph: in the eager graph aten::index_copy_ of whole rows
+    # (passes.index_copy_cache_updates), aten::scatter_ where a cache update was left as is (inductor
+    # fuses them into its generated kernels, where they cannot be told apart)
+    labels["cache_scatter"] = sum(e.self_cpu_time_total for e in prof.events()
+                                  if e.name in CACHE_UPDATE_OPS and _inside(e, "surelock::graph")) / 1e6
     return wall, labels
+
+
+def _inside(event, label: str) -> bool:
+    """Whether a profiler event ran under the record_function ``label``."""
+    while event is not None:
+        if event.name == label:
+            return True
+        event = event.cpu_parent
+    return False
 
 
 def legacy_bookkeeping(state_shape, index: torch.Tensor, logits: torch.Tensor, reps: int) -> float:
