@@ -2,6 +2,7 @@
 from .detach_full_attention_masks import detach_full_attention_masks
 from .index_copy_cache_updates import index_copy_cache_updates
 from .lock_rows import CacheSpec, cache_specs, is_locked, lock_rows
+from .pack_rows import is_packed, pack_rows
 from .prepack_linear_weights import prepack_linear_weights
 from .remove_metadata_asserts import remove_metadata_asserts
 from .row_analysis import UnsupportedGraphError, check_row_wise
@@ -15,7 +16,9 @@ __all__ = [
     "detach_full_attention_masks",
     "index_copy_cache_updates",
     "is_locked",
+    "is_packed",
     "lock_rows",
+    "pack_rows",
     "prepack_linear_weights",
     "remove_metadata_asserts",
     "update_caches_in_place",

@@ -62,6 +62,18 @@ def active_index(locked: torch.Tensor, bucket: int = 1, full_from: float = 1.0) 
     return order.masked_fill(padding, N), counts
 
 
+def pack_index(index: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``packed_rows`` [R], ``unpack_index`` [B, M]) of an active index [B, M] over ``seq`` positions, for
+    a packed graph (``passes.pack_rows``): the flat entries b * M + j that are real rows (< seq), in
+    order, and each entry's place among them (padding entries: the real row before them, or the first).
+    Without real rows, the first entry runs (R = 1): a pass computes at least one row."""
+    real = (index < seq).flatten()
+    rows = real.nonzero().squeeze(1)
+    if not len(rows):
+        rows = rows.new_zeros(1)
+    return rows, (real.cumsum(0) - 1).clamp_min_(0).view_as(index)
+
+
 class LockState:
     """Lock mask of one decode and the logits of its latest pass, compact (the active rows only): the
     KL rule's previous logits, and what a runner hands the sampler. Per-position tensors carry a
@@ -80,8 +92,8 @@ class LockState:
         self.seq = N
         self.locked = torch.zeros(B, N, dtype=torch.bool, device=device)
         self.prompt = self._with_scratch(first_input != mask_id)
-        # The latest pass: its logits [B * M, V] (row b * M + j: batch row b, index column j), the row of
-        # each position [B, N + 1] (-1: not computed), and each row's log-sum-exp [B * M] in float32,
+        # The latest pass: its logits [R, V] (one row per computed index entry), the row of each position
+        # [B, N + 1] (-1: not computed), and each row's log-sum-exp [R] in float32,
         # computed by the KL rule where the row was a candidate and NaN elsewhere, so that the row's
         # next KL needs one softmax, not two.
         self.logits: torch.Tensor | None = None
@@ -115,19 +127,24 @@ class LockState:
         self.row = torch.full_like(self.row, -1)
         self.row[:, : self.seq][keep] = torch.arange(len(rows), device=rows.device)
 
-    def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor) -> None:
-        """Lock the sure rows among ``index`` [B, M] given their logits [B, M, V] from a pass whose
-        input had ``unmasked`` [B, N] positions already decided; then keep the logits as the latest.
+    def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor,
+               rows_of_index: torch.Tensor | None = None) -> None:
+        """Lock the sure rows among ``index`` [B, M] given their logits from a pass whose input had
+        ``unmasked`` [B, N] positions already decided; then keep the logits as the latest. The logits
+        are [B, M, V] (or [B * M, V]), or with ``rows_of_index`` [B, M] any [R, V] holding entry (b, j)'s
+        at row ``rows_of_index[b, j]`` (a packed graph's, ``pack_index``; padding entries' are not read).
 
         The full-vocabulary KL is computed only for candidates (active rows already unmasked, also
         computed in the latest pass): their new against their previous logits at temperature 1, in float32.
         """
         B, M = index.shape
-        logits = logits.reshape(B * M, -1)
+        logits = logits.reshape(-1, logits.shape[-1])
+        if rows_of_index is None:
+            rows_of_index = torch.arange(B * M, device=index.device).view(B, M)
         if self.logits is not None and logits.data_ptr() == self.logits.data_ptr():
             raise ValueError("the locked graph returned the logits tensor of its previous call, which the lock "
                              "rule still reads; a backend must return a fresh logits tensor per call")
-        lse = torch.full((B * M,), float("nan"), device=logits.device)
+        lse = torch.full((len(logits),), float("nan"), device=logits.device)
         if self.config is not None:
             prev_row = self.row.gather(1, index)
             candidate = self._candidates(unmasked).gather(1, index)
@@ -138,7 +155,7 @@ class LockState:
                 # rows whose previous log-sum-exp is unknown first, so that few chunks compute it
                 order = torch.argsort(~self._lse[prev].isnan(), stable=True)
                 b, j, prev = b[order], j[order], prev[order]
-                rows = b * M + j
+                rows = rows_of_index[b, j]
                 with record_function("surelock::kl"):
                     sure[b, j], kl, lse[rows] = self._sure(logits, rows, prev, b, j, index.shape)
                 locking = sure[b, j]
@@ -146,7 +163,7 @@ class LockState:
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
-        self.row = torch.full_like(self.row, -1).scatter_(1, index, torch.arange(B * M, device=index.device).view(B, M))
+        self.row = torch.full_like(self.row, -1).scatter_(1, index, rows_of_index)
         self.logits, self._lse = logits, lse
         self.updates += 1
 
@@ -167,7 +184,7 @@ class LockState:
 
     def _sure(self, logits: torch.Tensor, rows: torch.Tensor, prev: torch.Tensor, b, j, shape):
         """(lock decision, KL, log-sum-exp of the new logits) for candidate rows ``rows`` of ``logits``
-        [B * M, V] (index entries (b, j) of an index of ``shape``) against rows ``prev`` of the latest
+        [R, V] (index entries (b, j) of an index of ``shape``) against rows ``prev`` of the latest
         pass's logits, read a few at a time."""
         # Both logits have rows of the same width and dtype: they split into the same chunks.
         lse_chunks = self._lse[prev].split(rows_per_chunk(self.logits))

@@ -10,8 +10,9 @@ from torch._inductor import config as inductor_config
 
 from .capture import capture
 from .export import backend_graph, check_backend
-from .lock import LockConfig, kl_divergence
-from .passes import cache_specs, index_copy_cache_updates, lock_rows, prepack_linear_weights, update_caches_in_place
+from .lock import LockConfig, kl_divergence, pack_index
+from .passes import (cache_specs, index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
+                     update_caches_in_place)
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
@@ -42,14 +43,14 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def compile_graph(gm: fx.GraphModule, backend: str):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
-    (``gm`` stays functional, for export): K/V caches updated in place
-    (passes.update_caches_in_place), then for "eager" their rows written by index_copy_
+    (``gm`` stays functional, for export): the active rows packed across the batch (passes.pack_rows),
+    K/V caches updated in place (passes.update_caches_in_place), then for "eager" their rows written by index_copy_
     (passes.index_copy_cache_updates) and the CPU linear weights packed once
     (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, frozen weights:
     later changes to the model's weights are not seen)."""
     if backend not in ("eager", "inductor"):
         raise ValueError(f"not an in-process backend: {backend!r}")
-    runnable = update_caches_in_place(copy_graph_module(gm))
+    runnable = update_caches_in_place(pack_rows(copy_graph_module(gm)))
     if backend == "inductor":
         return FrozenInductor(runnable)
     return prepack_linear_weights(index_copy_cache_updates(runnable))
@@ -61,7 +62,9 @@ class OptimizedModel(torch.nn.Module):
     ``graph_module`` is the locked graph (inputs: the token inputs, ``active_index``,
     ``key_mask``, the caches; outputs: logits of the active rows, the updated caches), functional
     as export needs it. Calling the model runs the compiled form, which with the eager and inductor
-    backends updates the caches it is given in place and returns them.
+    backends updates the caches it is given in place and returns them, and computes only the real
+    entries of ``active_index`` (< N), packed: its logits are then [1, R, V], the real entries' in
+    row-major order (``packed``; passes.pack_rows).
     """
 
     def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,
@@ -74,16 +77,18 @@ class OptimizedModel(torch.nn.Module):
         self.bucket = bucket
         self.compile_seconds = compile_seconds
         self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend)
+        self.packed = backend not in EXPORT_BACKENDS  # compile_graph packs
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
 
     def forward(self, input_ids, position_ids, active_index, key_mask, *caches):
-        return self.compiled(input_ids, position_ids, active_index, key_mask, *caches)
+        packing = pack_index(active_index, input_ids.shape[1]) if self.packed else ()
+        return self.compiled(input_ids, position_ids, active_index, key_mask, *packing, *caches)
 
     def decode_runner(self, lock: LockConfig | None, stats: DecodeStats) -> LockedRunner:
         return LockedRunner(self.compiled, cache_specs(self.graph_module), self.config, self.flops,
-                            lock, stats, self.bucket, kl=self.kl)
+                            lock, stats, self.bucket, kl=self.kl, packed=self.packed)
 
 
 def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, export_dir=None,

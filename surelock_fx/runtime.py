@@ -19,7 +19,7 @@ import torch
 from torch import fx
 from torch.profiler import record_function
 
-from .lock import LockConfig, LockState, active_index
+from .lock import LockConfig, LockState, active_index, pack_index
 from .passes import CacheSpec
 from .passes.row_analysis import SDPA
 from .sampler import DecodeStats, RowLogits, special_ids
@@ -63,12 +63,13 @@ LockedGraph = Callable[..., tuple]
 
 
 class LockedRunner:
-    """Runs a locked graph for one decode, holding its caches and lock state."""
+    """Runs a locked graph for one decode, holding its caches and lock state; ``packed``: the graph takes
+    ``pack_index``'s inputs after ``key_mask`` and returns the real rows' logits (``passes.pack_rows``)."""
 
     def __init__(self, graph: LockedGraph, specs: list[CacheSpec], config, flops: FlopModel,
                  lock: LockConfig | None, stats: DecodeStats, bucket: int = 1, full_from: float = FULL_FROM,
-                 kl=None):
-        self.graph, self.specs, self.flops, self.kl = graph, specs, flops, kl
+                 kl=None, packed: bool = False):
+        self.graph, self.specs, self.flops, self.kl, self.packed = graph, specs, flops, kl, packed
         self.lock, self.stats, self.bucket, self.full_from = lock, stats, bucket, full_from
         self.mask_id = special_ids(config)[0]
         self.state: LockState | None = None
@@ -89,13 +90,14 @@ class LockedRunner:
         key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
         with record_function("surelock::index"):
             index, counts = active_index(self.state.locked, self.bucket, self.full_from)
+            packing = pack_index(index, N) if self.packed else ()
         with record_function("surelock::release"):
-            self.state.release(x != self.mask_id, index.numel())
+            self.state.release(x != self.mask_id, len(packing[0]) if packing else index.numel())
         with record_function("surelock::graph"):
-            logits, *self.caches = self.graph(x, self.positions, index, key_mask, *self.caches)
+            logits, *self.caches = self.graph(x, self.positions, index, key_mask, *packing, *self.caches)
         self._record(counts, N)
         with record_function("surelock::lock_update"):
-            self.state.update(index, logits, x != self.mask_id)
+            self.state.update(index, logits, x != self.mask_id, packing[1] if packing else None)
         return self.state.latest()
 
     def _record(self, counts: torch.Tensor, N: int) -> None:

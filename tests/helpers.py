@@ -152,6 +152,27 @@ def save_task_checkpoint(path):
     return path
 
 
+def with_pack_inputs(inputs: tuple) -> tuple:
+    """A locked graph's inputs (tokens, positions, active_index, key_mask, caches...) with ``pack_index``'s
+    two inputs after key_mask, as a graph rewritten by ``passes.pack_rows`` takes them."""
+    from surelock_fx.lock import pack_index
+
+    x, positions, index, key_mask, *caches = inputs
+    return (x, positions, index, key_mask, *pack_index(index, x.shape[1]), *caches)
+
+
+def run_locked(graph, inputs: tuple, rows_packed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(logits [B, M, V], caches) of a locked graph on ``inputs``; a graph with packed rows
+    (``rows_packed``) gets its two extra inputs and has its [1, R, V] logits spread back over the index
+    entries (padding entries then hold some real row's)."""
+    if not rows_packed:
+        logits, *caches = graph(*inputs)
+        return logits, caches
+    inputs = with_pack_inputs(inputs)
+    logits, *caches = graph(*inputs)
+    return logits[0][inputs[5]], caches
+
+
 def assert_in_place_graph_matches_functional(locked, rewritten, B: int, N: int, M: int) -> None:
     """``rewritten``, a locked graph that updates its caches in place, against the functional
     ``locked`` on random inputs with padding rows: the same logits, and its cache inputs returned,

@@ -218,7 +218,7 @@ def test_crossover_to_full_width_is_exact(tiny, full_from):
         @staticmethod
         def decode_runner(lock_config, stats):
             runner = LockedRunner(opt.compiled, cache_specs(opt.graph_module), tiny.config, opt.flops, lock_config,
-                                  stats, opt.bucket, full_from=full_from)
+                                  stats, opt.bucket, full_from=full_from, packed=opt.packed)
             graph = runner.graph
 
             def recording(x, positions, index, *rest):

@@ -13,7 +13,7 @@ from surelock_fx.passes.row_analysis import SDPA
 from surelock_fx.reference import ReplaceLockedKV
 from surelock_fx.sampler import model_forward
 
-from helpers import counts, hf_llama_from_llada, tiny_model
+from helpers import counts, hf_llama_from_llada, run_locked, tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -160,11 +160,11 @@ def reference_logits(model, x, locked, caches):
         return model_forward(model)(x, None)
 
 
-def locked_step(gm, x, locked, caches):
+def locked_step(gm, x, locked, caches, rows_packed=False):
     index, _ = active_index(locked)
     B, N = x.shape
-    out = gm(x, torch.arange(N).expand(B, N), index, torch.ones(B, N, dtype=torch.bool), *caches)
-    return index, out[0], list(out[1:])
+    inputs = (x, torch.arange(N).expand(B, N), index, torch.ones(B, N, dtype=torch.bool), *caches)
+    return index, *run_locked(gm, inputs, rows_packed)
 
 
 def random_locked(gen, B, N, active):
@@ -175,8 +175,9 @@ def random_locked(gen, B, N, active):
     return locked
 
 
-def check_against_reference(model, gm, B, N, active, seed, dtype=torch.float32):
-    """Two steps: a full pass fills the caches, then a pass with ``active`` rows per batch row."""
+def check_against_reference(model, gm, B, N, active, seed, dtype=torch.float32, rows_packed=False):
+    """Two steps: a full pass fills the caches, then a pass with ``active`` rows per batch row
+    (``rows_packed``: ``gm`` is rewritten by pack_rows)."""
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randint(0, 97, (B, N), generator=gen)
     x2 = x1.clone()
@@ -187,10 +188,10 @@ def check_against_reference(model, gm, B, N, active, seed, dtype=torch.float32):
     ref_caches = []
     with torch.no_grad():
         reference_logits(model, x1, nothing, ref_caches)
-        _, _, caches = locked_step(gm, x1, nothing, caches)
+        _, _, caches = locked_step(gm, x1, nothing, caches, rows_packed)
         locked = random_locked(gen, B, N, active)
         expected = reference_logits(model, x2, locked, ref_caches)
-        index, got, caches = locked_step(gm, x2, locked, caches)
+        index, got, caches = locked_step(gm, x2, locked, caches, rows_packed)
     tol = TOLERANCE[dtype]
     for row in range(B):
         rows = index[row][index[row] < N]

@@ -1,0 +1,103 @@
+"""pack_rows: graph structure, idempotence, no-op cases, pack_index, and numerics against the unpacked locked graph."""
+
+import functools
+
+import pytest
+import torch
+
+from surelock_fx.capture import capture
+from surelock_fx.lock import pack_index
+from surelock_fx.optimize import copy_graph_module
+from surelock_fx.passes import cache_specs, is_packed, lock_rows, pack_rows, update_caches_in_place
+from surelock_fx.passes.row_analysis import SDPA
+
+from helpers import counts, run_locked, tiny_model
+
+aten = torch.ops.aten
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=8, n_layers=2, n_kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def locked(model):
+    return lock_rows(capture(model))
+
+
+def test_packed_graph_structure(model, locked):
+    gm = pack_rows(copy_graph_module(locked))
+    gm.graph.lint()
+    layers = model.config.n_layers
+    before, after = counts(locked), counts(gm)
+    # one per token input, then per attention: unpack its query, key and value, pack its output
+    assert after[aten.index_select.default] - before[aten.index_select.default] == 2 + 4 * layers
+    for target in (SDPA, aten.linear.default, aten.gather.default, aten.scatter.src):
+        assert after[target] == before[target]
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    assert names[:6] == ["input_ids", "position_ids", "active_index", "key_mask", "packed_rows", "unpack_index"]
+    assert names[6:] == [spec.name for spec in cache_specs(locked)]
+    assert is_packed(gm) and not is_packed(locked)
+
+
+def test_second_run_changes_nothing(locked):
+    gm = pack_rows(copy_graph_module(locked))
+    code = gm.code
+    assert pack_rows(gm).code == code
+
+
+def test_graph_not_locked_is_left_alone(model):
+    gm = capture(model)
+    code = gm.code
+    assert pack_rows(gm).code == code
+
+
+def test_pack_index():
+    N = 5
+    index = torch.tensor([[0, 3, N], [N, N, N], [1, 2, 4]])
+    rows, unpack = pack_index(index, N)
+    assert rows.tolist() == [0, 1, 6, 7, 8]
+    assert unpack[index < N].tolist() == [0, 1, 2, 3, 4]
+    assert (unpack >= 0).all() and (unpack < len(rows)).all()
+    rows, unpack = pack_index(torch.full((2, 1), N), N)  # nothing active: one padding entry runs
+    assert rows.tolist() == [0] and unpack.tolist() == [[0], [0]]
+
+
+@functools.cache
+def locked_graph(dtype):
+    return lock_rows(capture(tiny_model(seed=9, n_layers=2, n_kv_heads=2).to(dtype)))
+
+
+def random_inputs(locked, active, N, dtype, seed):
+    """Inputs of a locked graph with ``active[b]`` random positions in batch row b (padded with N)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, M = len(active), max(max(active), 1)
+    index = torch.full((B, M), N)
+    for b, count in enumerate(active):
+        index[b, :count] = torch.randperm(N, generator=gen)[:count].sort().values
+    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen).to(dtype) for s in cache_specs(locked)]
+    return (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
+            torch.ones(B, N, dtype=torch.bool), *caches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_place_first", [False, True], ids=["functional", "in-place-caches"])
+@pytest.mark.parametrize("N, active", [(9, [3]), (12, [1, 12, 5]), (10, [4, 0, 7, 2]), (6, [0, 0])])
+def test_packed_graph_matches_unpacked(dtype, in_place_first, N, active):
+    """Real rows' logits and every cache row but the scratch slot equal the unpacked graph's, with batch
+    rows of different active counts (none at all included)."""
+    locked = locked_graph(dtype)
+    packed = copy_graph_module(locked)
+    packed = pack_rows(update_caches_in_place(packed)) if in_place_first else pack_rows(packed)
+    inputs = random_inputs(locked, active, N, dtype, seed=N + sum(active))
+    with torch.no_grad():
+        expected, expected_caches = run_locked(locked, inputs, rows_packed=False)
+        fresh = tuple(t.clone() for t in inputs)  # the in-place graph writes its cache inputs
+        got, got_caches = run_locked(packed, fresh, rows_packed=True)
+    tol = TOLERANCE[dtype]
+    real = inputs[2] < N
+    torch.testing.assert_close(got[real], expected[real], rtol=tol, atol=tol)
+    for cache, want in zip(got_caches, expected_caches, strict=True):
+        torch.testing.assert_close(cache[:, :, :N], want[:, :, :N], rtol=tol, atol=tol)
