@@ -33,10 +33,11 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of the rows the graph
-computes: with B > 1 every batch row runs as many rows as the one with the most active rows.
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of what the graph
+computes: the active rows in its projections, FFN and LM head (packed across the batch, passes.pack_rows),
+but B x M queries in attention, where every batch row runs as many as the one with the most active rows.
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
-each sampled step at the locked graph's rows and at the dense rows, interpolated alike): the bound the
+each sampled step at the locked graph's active rows and at the dense rows, interpolated alike): the bound the
 weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
 Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 """
@@ -370,11 +371,11 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
 
 
 def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
-                   lock, mask_id, eos, eot, gemms, widths: list[int]) -> dict:
+                   lock, mask_id, eos, eot, gemms, counts: list[int]) -> dict:
     """Estimated decode time per variant from K timed steps (see the module docstring). Pass 0 is
     always sampled and, for locked variants, is the runner's real first pass (allocations included).
     At each sampled step the model's GEMMs alone (``common.gemm_chain``) are timed too, at the rows
-    of the locked graph (``widths``: its M per batch row) and of the dense one."""
+    of the locked graph (``counts``: the active rows, packed) and of the dense one."""
     points = sample_points(steps, k)
     B, N = x0.shape
     V = next(iter(variants.values())).model.config.vocab_size
@@ -394,7 +395,7 @@ def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Te
                 if v.kind == "locked" and t > 0:
                     fwd.state.locked = plan.locked(first, t)
                 times[name] += common.time_calls(lambda: decode_step(fwd, x, mask_id, eos, eot), reps=1, warmup=0)
-            for kind, rows in (("dense", B * N), ("locked", B * widths[t])):
+            for kind, rows in (("dense", B * N), ("locked", max(counts[t], 1))):
                 gemm_times[kind] += common.time_calls(lambda: gemms(rows), reps=1, warmup=int(t == 0))
     return dict(points=points, step_times_s=times, gemm_step_times_s=gemm_times,
                 time_s={name: interpolated_total(points, ts, steps) for name, ts in times.items()},
@@ -451,13 +452,14 @@ def run(args) -> dict:
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
                    active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)),
-                   padded_flops_ratio=sum(flops.step(B * w, N) for w in widths) / flops_dense)
+                   padded_flops_ratio=sum(c * flops.per_row + B * w * N * flops.per_pair
+                                          for c, w in zip(counts, widths)) / flops_dense)
         row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
         with common.count_compilations() as compiles:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)
         row["compilations_warmup"] = compiles
         with common.count_compilations() as compiles:
-            sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot, gemms, widths)
+            sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot, gemms, counts)
             times = dict(sampled["time_s"])
             row["sampled"] = sampled
             gemm = sampled["gemm_time_s"]

@@ -248,8 +248,9 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
                       "locked inductor / plain"], rows))
     padded = [r for r in d["results"] if "padded_flops_ratio" in r]
     if padded:
-        out.append("Batch padding: every batch row of a pass runs as many rows as the row with the most active ones, "
-                   "so the graph computes a FLOPs ratio of " + ", ".join(
+        out.append("Batch padding: the projections, FFN and LM head compute the active rows only, packed across the "
+                   "batch (`passes/pack_rows.py`), while attention runs every batch row's queries as many as the "
+                   "row with the most active ones, so the graph computes a FLOPs ratio of " + ", ".join(
                        f"{f3(r['padded_flops_ratio'])} (B={r['batch']}, G={r['gen_length']})" for r in padded)
                    + " against the FLOPs ratio above (active rows only), which the ideal is computed from.")
     errs = [(r, k, v) for r in d["results"] for k, v in (r.get("estimator_error") or {}).items()]
@@ -385,7 +386,7 @@ def notes(data: dict) -> str:
                              f"(B={hi_g['batch']}, G={hi_g['gen_length']})"
                              + (("; below 0.9 at " + ", ".join(f"B={r['batch']} G={r['gen_length']}" for r in below)
                                  + ": there, with float32 weights on this CPU and the rows these graphs compute "
-                                 "(batch padding included), no decode can reach 0.9, whatever the rest of a step "
+                                 "(packed active rows), no decode can reach 0.9, whatever the rest of a step "
                                  "costs") if below else "") + ".")
     if sl:
         lowering = sorted({(r["backend"], r["seq"], r["t_plain_s"] / r["t_dense_s"]) for r in sl["results"]})
