@@ -18,6 +18,10 @@ from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
+# Backends whose graph packs the active rows across the batch (passes.pack_rows). Not inductor: its
+# generated gathers around attention cost more than the padding rows they save (benchmarks/decode_e2e.py,
+# CPU, B = 1-8: locked efficiency 0.03-0.05 lower at G = 256, B = 1 included, where nothing is padded).
+PACKED_BACKENDS = ("eager",)
 
 
 class FrozenInductor:
@@ -43,17 +47,17 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def compile_graph(gm: fx.GraphModule, backend: str):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
-    (``gm`` stays functional, for export): the active rows packed across the batch (passes.pack_rows),
-    K/V caches updated in place (passes.update_caches_in_place), then for "eager" their rows written by index_copy_
-    (passes.index_copy_cache_updates) and the CPU linear weights packed once
+    (``gm`` stays functional, for export): K/V caches updated in place (passes.update_caches_in_place),
+    then for "eager" the active rows packed across the batch (passes.pack_rows), the cache rows written
+    by index_copy_ (passes.index_copy_cache_updates) and the CPU linear weights packed once
     (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, frozen weights:
     later changes to the model's weights are not seen)."""
     if backend not in ("eager", "inductor"):
         raise ValueError(f"not an in-process backend: {backend!r}")
-    runnable = update_caches_in_place(pack_rows(copy_graph_module(gm)))
+    runnable = update_caches_in_place(copy_graph_module(gm))
     if backend == "inductor":
         return FrozenInductor(runnable)
-    return prepack_linear_weights(index_copy_cache_updates(runnable))
+    return prepack_linear_weights(index_copy_cache_updates(pack_rows(runnable)))
 
 
 class OptimizedModel(torch.nn.Module):
@@ -62,9 +66,9 @@ class OptimizedModel(torch.nn.Module):
     ``graph_module`` is the locked graph (inputs: the token inputs, ``active_index``,
     ``key_mask``, the caches; outputs: logits of the active rows, the updated caches), functional
     as export needs it. Calling the model runs the compiled form, which with the eager and inductor
-    backends updates the caches it is given in place and returns them, and computes only the real
-    entries of ``active_index`` (< N), packed: its logits are then [1, R, V], the real entries' in
-    row-major order (``packed``; passes.pack_rows).
+    backends updates the caches it is given in place and returns them; with the eager backend
+    (``packed``; passes.pack_rows) it computes only the real entries of ``active_index`` (< N), and
+    its logits are [1, R, V], the real entries' in row-major order.
     """
 
     def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,
@@ -77,7 +81,7 @@ class OptimizedModel(torch.nn.Module):
         self.bucket = bucket
         self.compile_seconds = compile_seconds
         self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend)
-        self.packed = backend not in EXPORT_BACKENDS  # compile_graph packs
+        self.packed = backend in PACKED_BACKENDS
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence

@@ -152,15 +152,6 @@ def save_task_checkpoint(path):
     return path
 
 
-def with_pack_inputs(inputs: tuple) -> tuple:
-    """A locked graph's inputs (tokens, positions, active_index, key_mask, caches...) with ``pack_index``'s
-    two inputs after key_mask, as a graph rewritten by ``passes.pack_rows`` takes them."""
-    from surelock_fx.lock import pack_index
-
-    x, positions, index, key_mask, *caches = inputs
-    return (x, positions, index, key_mask, *pack_index(index, x.shape[1]), *caches)
-
-
 def run_locked(graph, inputs: tuple, rows_packed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(logits [B, M, V], caches) of a locked graph on ``inputs``; a graph with packed rows
     (``rows_packed``) gets its two extra inputs and has its [1, R, V] logits spread back over the index
@@ -168,9 +159,12 @@ def run_locked(graph, inputs: tuple, rows_packed: bool) -> tuple[torch.Tensor, l
     if not rows_packed:
         logits, *caches = graph(*inputs)
         return logits, caches
-    inputs = with_pack_inputs(inputs)
-    logits, *caches = graph(*inputs)
-    return logits[0][inputs[5]], caches
+    from surelock_fx.lock import pack_index
+
+    x, positions, index, key_mask, *caches = inputs
+    packed_rows, unpack_index = pack_index(index, x.shape[1])
+    logits, *caches = graph(x, positions, index, key_mask, packed_rows, unpack_index, *caches)
+    return logits[0][unpack_index], caches
 
 
 def assert_in_place_graph_matches_functional(locked, rewritten, B: int, N: int, M: int) -> None:

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from surelock_fx.capture import capture
-from surelock_fx.optimize import compile_graph, copy_graph_module
+from surelock_fx.optimize import PACKED_BACKENDS, compile_graph, copy_graph_module
 from surelock_fx.passes import cache_specs, lock_rows, prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
-from helpers import counts, tiny_model, with_pack_inputs
+from helpers import counts, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -102,7 +102,7 @@ def test_compiled_backends_match_reference_semantics(backend):
     model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
     gm = lock_rows(capture(model))
     check_against_reference(model, compiled_with_specs(compile_graph(gm, backend), gm), 3, 10, [2, 10, 0], seed=9,
-                            rows_packed=True)
+                            rows_packed=backend in PACKED_BACKENDS)
 
 
 def test_inductor_backend_packs_every_linear(model):
@@ -111,6 +111,5 @@ def test_inductor_backend_packs_every_linear(model):
     gm = lock_rows(capture(model))
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     with torch.inference_mode():
-        compile_graph(gm, "inductor")(*with_pack_inputs(locked_inputs(gm, 2, 9, 4, torch.Generator().manual_seed(0),
-                                                                      torch.float32)))
+        compile_graph(gm, "inductor")(*locked_inputs(gm, 2, 9, 4, torch.Generator().manual_seed(0), torch.float32))
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == counts(gm)[LINEAR]
