@@ -48,6 +48,12 @@ def counts(gm) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
+def assert_unchanged_by(graph_pass, gm) -> None:
+    """Running ``graph_pass`` on ``gm`` leaves its code as it was."""
+    code = gm.code
+    assert graph_pass(gm).code == code
+
+
 def tiny_config(**overrides) -> LLaDAConfig:
     """A small LLaDA config (d_model 64, 2 layers, 4 heads, vocab 101, mask id 100) with overrides."""
     return LLaDAConfig(**{**TINY_DEFAULTS, **overrides})

@@ -9,7 +9,7 @@ from surelock_fx.passes import cache_specs, index_copy_cache_updates, lock_rows,
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY
 from surelock_fx.passes.update_caches_in_place import SCATTER_IN_PLACE
 
-from helpers import assert_in_place_graph_matches_functional, counts, tiny_model
+from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,14 @@ def test_every_cache_update_is_an_index_copy(locked):
 
 def test_second_run_changes_nothing(locked):
     gm = rewritten(locked)
-    code = gm.code
-    assert index_copy_cache_updates(gm).code == code
+    assert_unchanged_by(index_copy_cache_updates, gm)
 
 
 @pytest.mark.parametrize("make", [lambda locked: copy_graph_module(locked), lambda locked: capture(tiny_model(seed=7))],
                          ids=["functional-locked-graph", "graph-not-locked"])
 def test_graphs_without_in_place_cache_updates_are_left_alone(locked, make):
     gm = make(locked)
-    code = gm.code
-    assert index_copy_cache_updates(gm).code == code
+    assert_unchanged_by(index_copy_cache_updates, gm)
 
 
 def test_scatter_with_another_index_is_left_alone(locked):

@@ -11,29 +11,27 @@ from surelock_fx.optimize import copy_graph_module
 from surelock_fx.passes import cache_specs, is_packed, lock_rows, pack_rows, update_caches_in_place
 from surelock_fx.passes.row_analysis import SDPA
 
-from helpers import counts, run_locked, tiny_model
+from helpers import assert_unchanged_by, counts, run_locked, tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=8, n_layers=2, n_kv_heads=2)
+LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def locked(model):
-    return lock_rows(capture(model))
+@functools.cache
+def locked_graph(dtype=torch.float32):
+    return lock_rows(capture(tiny_model(seed=9, n_layers=LAYERS, n_kv_heads=2).to(dtype)))
 
 
-def test_packed_graph_structure(model, locked):
+def test_packed_graph_structure():
+    locked = locked_graph()
     gm = pack_rows(copy_graph_module(locked))
     gm.graph.lint()
-    layers = model.config.n_layers
     before, after = counts(locked), counts(gm)
     # one per token input, then per attention: unpack its query, key and value, pack its output
-    assert after[aten.index_select.default] - before[aten.index_select.default] == 2 + 4 * layers
+    assert after[aten.index_select.default] - before[aten.index_select.default] == 2 + 4 * LAYERS
     for target in (SDPA, aten.linear.default, aten.gather.default, aten.scatter.src):
         assert after[target] == before[target]
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -42,16 +40,14 @@ def test_packed_graph_structure(model, locked):
     assert is_packed(gm) and not is_packed(locked)
 
 
-def test_second_run_changes_nothing(locked):
-    gm = pack_rows(copy_graph_module(locked))
-    code = gm.code
-    assert pack_rows(gm).code == code
+def test_second_run_changes_nothing():
+    gm = pack_rows(copy_graph_module(locked_graph()))
+    assert_unchanged_by(pack_rows, gm)
 
 
-def test_graph_not_locked_is_left_alone(model):
-    gm = capture(model)
-    code = gm.code
-    assert pack_rows(gm).code == code
+def test_graph_not_locked_is_left_alone():
+    gm = capture(tiny_model(seed=9))
+    assert_unchanged_by(pack_rows, gm)
 
 
 def test_pack_index():
@@ -63,11 +59,6 @@ def test_pack_index():
     assert (unpack >= 0).all() and (unpack < len(rows)).all()
     rows, unpack = pack_index(torch.full((2, 1), N), N)  # nothing active: one padding entry runs
     assert rows.tolist() == [0] and unpack.tolist() == [[0], [0]]
-
-
-@functools.cache
-def locked_graph(dtype):
-    return lock_rows(capture(tiny_model(seed=9, n_layers=2, n_kv_heads=2).to(dtype)))
 
 
 def random_inputs(locked, active, N, dtype, seed):
