@@ -33,11 +33,12 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of what the graph
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of what the eager graph
 computes: the active rows in its projections, FFN and LM head (packed across the batch, passes.pack_rows),
-but B x M queries in attention, where every batch row runs as many as the one with the most active rows.
+but B x M queries in attention, where every batch row runs as many as the one with the most active rows
+(inductor's graph is not packed: it computes B x M rows throughout).
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
-each sampled step at the locked graph's active rows and at the dense rows, interpolated alike): the bound the
+each sampled step at the eager graph's active rows and at the dense rows, interpolated alike): the bound the
 weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
 Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 """

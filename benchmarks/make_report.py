@@ -238,8 +238,8 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
     out.append("Dense eager and dense inductor are each backend's pipeline without the locking rewrite (packed, "
                "respectively frozen, weights); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
                "locked with dense on the same backend; `GEMMs alone` is that efficiency for the model's linear "
-               "layers alone (one oneDNN call each on packed weights) at the rows of each step's locked and dense "
-               "graphs, timed at the sampled steps: the bound that reading the weights every pass and few-row "
+               "layers alone (one oneDNN call each on packed weights) at the rows of each step's locked (eager: active "
+               "rows, packed) and dense graphs, timed at the sampled steps: the bound that reading the weights every pass and few-row "
                "GEMMs set, before attention, the sampler and the bookkeeping. The last two columns compare locked "
                "with the plain model.")
     out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s plain", "tok/s dense eager",
@@ -248,9 +248,10 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
                       "locked inductor / plain"], rows))
     padded = [r for r in d["results"] if "padded_flops_ratio" in r]
     if padded:
-        out.append("Batch padding: the projections, FFN and LM head compute the active rows only, packed across the "
-                   "batch (`passes/pack_rows.py`), while attention runs every batch row's queries as many as the "
-                   "row with the most active ones, so the graph computes a FLOPs ratio of " + ", ".join(
+        out.append("Batch padding: the eager backend's projections, FFN and LM head compute the active rows only, "
+                   "packed across the batch (`passes/pack_rows.py`), while attention runs every batch row's queries as "
+                   "many as the row with the most active ones (inductor's graph pads all of its ops that way), so the "
+                   "eager graph computes a FLOPs ratio of " + ", ".join(
                        f"{f3(r['padded_flops_ratio'])} (B={r['batch']}, G={r['gen_length']})" for r in padded)
                    + " against the FLOPs ratio above (active rows only), which the ideal is computed from.")
     errs = [(r, k, v) for r in d["results"] for k, v in (r.get("estimator_error") or {}).items()]
