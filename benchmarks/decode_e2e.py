@@ -453,8 +453,7 @@ def run(args) -> dict:
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
                    active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)),
-                   padded_flops_ratio=sum(c * flops.per_row + B * w * N * flops.per_pair
-                                          for c, w in zip(counts, widths)) / flops_dense)
+                   padded_flops_ratio=sum(flops.step(c, N, queries=B * w) for c, w in zip(counts, widths)) / flops_dense)
         row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
         with common.count_compilations() as compiles:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)

@@ -88,9 +88,10 @@ def pack_rows(gm: fx.GraphModule) -> fx.GraphModule:
     key_mask, active_index = _placeholder(graph, "key_mask"), _placeholder(graph, "active_index")
     with graph.inserting_before(key_mask.next):
         packed, unpack = graph.placeholder(PACKED_ROWS), graph.placeholder(UNPACK_INDEX)
-    with graph.inserting_before(_token_gathers(graph, active_index)[0]):
+    gathers = _token_gathers(graph, active_index)
+    with graph.inserting_before(gathers[0]):
         packer = _Packer(graph, active_index, packed, unpack)
-    for gather in _token_gathers(graph, active_index):
+    for gather in gathers:
         _reroute(graph, gather, packer.pack_tokens)
     caches = {spec.name for spec in cache_specs(gm)}
     for node in list(graph.nodes):

@@ -45,8 +45,10 @@ class FlopModel:
                 per_pair += 4 * int(q.shape[1]) * int(q.shape[3])
         return cls(per_row, per_pair)
 
-    def step(self, rows: int, keys: int) -> int:
-        return rows * (self.per_row + keys * self.per_pair)
+    def step(self, rows: int, keys: int, queries: int | None = None) -> int:
+        """FLOPs of a pass computing ``rows`` rows whose attention runs ``queries`` (default: those rows)
+        over ``keys`` keys."""
+        return rows * self.per_row + (rows if queries is None else queries) * keys * self.per_pair
 
 
 # The crossover to full-width steps (``active_index(..., full_from)``): a step whose bucketed
