@@ -224,7 +224,8 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
            "prompt tokens at the recorded prompt lock steps. The replay decides which rows are locked; all runtime work "
            "is real.",
            f"`exact` = whole `generate()` decodes (the fastest of {s.get('exact_reps', 1)} per variant, interleaved); `sampled` = {s['samples']} timed decode steps per variant, "
-           "interpolated over all G steps (whole decodes of the larger configurations would take hours on this CPU)."]
+           "interpolated over all G steps, locked variants' in the step's active rows, dense ones' in t (whole decodes of "
+           "the larger configurations would take hours on this CPU)."]
     rows = []
     for r in d["results"]:
         t = r["tokens_per_s"]

@@ -143,6 +143,11 @@ def test_sample_points_and_interpolation():
     assert decode_e2e.sample_points(2, 6) == [0, 1] and decode_e2e.sample_points(1, 6) == [0]
     pts, times = [0, 2, 4], [1.0, 3.0, 3.0]
     assert close(decode_e2e.interpolated_total(pts, times, 5), 1 + 2 + 3 + 3 + 3)
+    # in the work of each step where it differs around t: a drop at step 2 is not smeared over steps 2..3
+    pts, times, work = [0, 1, 4], [4.0, 4.0, 1.0], [10, 10, 4, 4, 4]
+    assert close(decode_e2e.interpolated_total(pts, times, 5, work), 4 + 4 + 1 + 1 + 1)
+    assert close(decode_e2e.interpolated_total(pts, times, 5), 4 + 4 + 3 + 2 + 1)
+    assert close(decode_e2e.interpolated_total(pts, times, 5, [7] * 5), 4 + 4 + 3 + 2 + 1)  # constant work: in t
 
 
 def test_decode_e2e(out):
