@@ -45,8 +45,9 @@ def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
     graph with its caches updated in place (``update_caches_in_place``), whose scatter index is
     ``active_index`` [B, M] expanded over heads and head_dim (as ``lock_rows`` emits it), and
     contiguous cache inputs at run time (as the runtime allocates them). Padding rows write to the
-    scratch slot either way. Other graphs, and scatters with another index, are left unchanged. For the eager backend: inductor
-    compiles the scatter itself into its generated code.
+    scratch slot either way. Other graphs, and scatters with another index, are left unchanged. Under
+    inductor too: it compiles a scatter_ into a graph input as a scatter into a copy of the whole cache
+    and a copy back into the input (four passes over every cache per pass), index_copy_ in place.
     """
     if not is_locked(gm):
         return gm

@@ -19,8 +19,9 @@ from .sampler import DecodeStats
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
 # Backends whose graph packs the active rows across the batch (passes.pack_rows). Not inductor: its
-# generated gathers around attention cost more than the padding rows they save (benchmarks/decode_e2e.py,
-# CPU, B = 1-8: locked efficiency 0.03-0.05 lower at G = 256, B = 1 included, where nothing is padded).
+# generated gathers around attention cost more than eager's, 2% of a step where nothing is padded (one
+# step, e2e model, CPU, B = 8, 40 active rows each; eager: 0.7%), which is every step at B = 1 and most
+# of a decode at B > 1 (benchmarks/decode_e2e.py: locked efficiency 0.03-0.05 lower at G = 256, B = 1-8).
 PACKED_BACKENDS = ("eager",)
 
 
@@ -48,16 +49,19 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 def compile_graph(gm: fx.GraphModule, backend: str):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
     (``gm`` stays functional, for export): K/V caches updated in place (passes.update_caches_in_place),
-    then for "eager" the active rows packed across the batch (passes.pack_rows), the cache rows written
-    by index_copy_ (passes.index_copy_cache_updates) and the CPU linear weights packed once
-    (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, frozen weights:
-    later changes to the model's weights are not seen)."""
+    for the ``PACKED_BACKENDS`` the active rows packed across the batch (passes.pack_rows), the cache
+    rows written by index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear
+    weights packed once (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes,
+    frozen weights: later changes to the model's weights are not seen)."""
     if backend not in ("eager", "inductor"):
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
+    if backend in PACKED_BACKENDS:
+        runnable = pack_rows(runnable)
+    runnable = index_copy_cache_updates(runnable)
     if backend == "inductor":
         return FrozenInductor(runnable)
-    return prepack_linear_weights(index_copy_cache_updates(pack_rows(runnable)))
+    return prepack_linear_weights(runnable)
 
 
 class OptimizedModel(torch.nn.Module):

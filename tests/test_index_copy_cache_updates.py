@@ -1,10 +1,12 @@
 """index_copy_cache_updates: graph structure, idempotence, no-op cases, and numerics against the functional graph."""
 
+import re
+
 import pytest
 import torch
 
 from surelock_fx.capture import capture
-from surelock_fx.optimize import copy_graph_module
+from surelock_fx.optimize import compile_graph, copy_graph_module
 from surelock_fx.passes import cache_specs, index_copy_cache_updates, lock_rows, update_caches_in_place
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY
 from surelock_fx.passes.update_caches_in_place import SCATTER_IN_PLACE
@@ -60,3 +62,26 @@ def test_scatter_with_another_index_is_left_alone(locked):
 @pytest.mark.parametrize("B, N, M", [(1, 7, 1), (3, 10, 10), (2, 12, 5)])
 def test_index_copy_graph_matches_functional_and_updates_its_inputs(locked, B, N, M):
     assert_in_place_graph_matches_functional(locked, rewritten(locked), B, N, M)
+
+
+def test_inductor_writes_the_cache_rows_in_place(locked):
+    """Inductor compiles a scatter_ into a cache input as a scatter into a copy of the whole cache and a
+    copy back; the compiled backend's cache updates are index_copy_ in place."""
+    from torch._inductor.utils import run_and_get_code
+
+    B, N, M = 2, 9, 3
+    gen = torch.Generator().manual_seed(4)
+    index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
+    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen) for s in cache_specs(locked)]
+    inputs = (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
+              torch.ones(B, N, dtype=torch.bool), *caches)
+    expected = locked(*inputs[:4], *[c.clone() for c in caches])  # the functional graph
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out, code = run_and_get_code(compile_graph(locked, "inductor"), *inputs)
+    # inductor names its kernels after the ops they fuse: the cache rows are index-copied, not scattered
+    kernels = set(re.findall(r"cpp_fused_(\w+)_\d+\(", "\n".join(code)))
+    assert kernels and not any("scatter" in k for k in kernels) and any("index_copy" in k for k in kernels)
+    assert [c.data_ptr() for c in out[1:]] == [c.data_ptr() for c in caches]
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want)
