@@ -7,7 +7,7 @@ import operator
 import torch
 from torch import fx
 
-from .lock_rows import cache_specs, is_locked
+from .lock_rows import cache_specs, input_node, is_locked
 from .update_caches_in_place import SCATTER_IN_PLACE
 
 aten = torch.ops.aten
@@ -53,7 +53,7 @@ def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
         return gm
     device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device  # the inputs' too
     names = {spec.name: spec for spec in cache_specs(gm)}
-    active_index = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "active_index")
+    active_index = input_node(gm.graph, "active_index")
     rows_of: dict[int, fx.Node] = {}  # heads -> flat rows, shared by the caches of that many heads
     for node in list(gm.graph.nodes):
         if node.target is not SCATTER_IN_PLACE or node.args[0].name not in names:

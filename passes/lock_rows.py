@@ -31,6 +31,11 @@ def cache_specs(gm: fx.GraphModule) -> list[CacheSpec]:
     return gm.meta[META_KEY]
 
 
+def input_node(graph: fx.Graph, name: str) -> fx.Node:
+    """The placeholder called ``name`` (an input such as ``active_index`` or ``key_mask``)."""
+    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+
+
 class _Builder:
     """Emits the rewritten graph node by node."""
 

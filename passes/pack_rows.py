@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .lock_rows import cache_specs, is_locked
+from .lock_rows import cache_specs, input_node, is_locked
 from .row_analysis import SDPA
 from .update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
@@ -14,10 +14,6 @@ PACKED_ROWS, UNPACK_INDEX = "packed_rows", "unpack_index"
 
 def is_packed(gm: fx.GraphModule) -> bool:
     return any(n.op == "placeholder" and n.name == PACKED_ROWS for n in gm.graph.nodes)
-
-
-def _placeholder(graph: fx.Graph, name: str) -> fx.Node:
-    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
 
 
 def _token_gathers(graph: fx.Graph, active_index: fx.Node) -> list[fx.Node]:
@@ -85,7 +81,7 @@ def pack_rows(gm: fx.GraphModule) -> fx.GraphModule:
     if not is_locked(gm) or is_packed(gm):
         return gm
     graph = gm.graph
-    key_mask, active_index = _placeholder(graph, "key_mask"), _placeholder(graph, "active_index")
+    key_mask, active_index = input_node(graph, "key_mask"), input_node(graph, "active_index")
     with graph.inserting_before(key_mask.next):
         packed, unpack = graph.placeholder(PACKED_ROWS), graph.placeholder(UNPACK_INDEX)
     gathers = _token_gathers(graph, active_index)

@@ -90,16 +90,17 @@ class LockedRunner:
         elif self.state.locked.shape != (B, N):
             raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after {tuple(self.state.locked.shape)}")
         key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        unmasked = x != self.mask_id
         with record_function("surelock::index"):
             index, counts = active_index(self.state.locked, self.bucket, self.full_from)
             packing = pack_index(index, N) if self.packed else ()
         with record_function("surelock::release"):
-            self.state.release(x != self.mask_id, len(packing[0]) if packing else index.numel())
+            self.state.release(unmasked, len(packing[0]) if packing else index.numel())
         with record_function("surelock::graph"):
             logits, *self.caches = self.graph(x, self.positions, index, key_mask, *packing, *self.caches)
         self._record(counts, N)
         with record_function("surelock::lock_update"):
-            self.state.update(index, logits, x != self.mask_id, packing[1] if packing else None)
+            self.state.update(index, logits, unmasked, packing[1] if packing else None)
         return self.state.latest()
 
     def _record(self, counts: torch.Tensor, N: int) -> None:

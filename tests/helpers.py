@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from surelock_fx.models import LLaDAConfig, LLaDAModel
+from surelock_fx.passes import cache_specs
 
 TINY_DEFAULTS = dict(
     d_model=64,
@@ -46,6 +47,18 @@ BLOCK_TO_LLAMA = {
 def counts(gm) -> Counter:
     """Call-function nodes of a graph module, by target."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def locked_inputs(gm, N, active, gen, dtype=torch.float32):
+    """Random inputs of a locked graph ``gm`` over N positions with ``active[b]`` random positions in batch
+    row b (sorted, padded with N to the largest count, at least 1) and random caches."""
+    B, M = len(active), max(max(active), 1)
+    index = torch.full((B, M), N)
+    for b, count in enumerate(active):
+        index[b, :count] = torch.randperm(N, generator=gen)[:count].sort().values
+    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen).to(dtype) for s in cache_specs(gm)]
+    return (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
+            torch.ones(B, N, dtype=torch.bool), *caches)
 
 
 def assert_unchanged_by(graph_pass, gm) -> None:

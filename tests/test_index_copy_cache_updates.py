@@ -11,7 +11,7 @@ from surelock_fx.passes import cache_specs, index_copy_cache_updates, lock_rows,
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY
 from surelock_fx.passes.update_caches_in_place import SCATTER_IN_PLACE
 
-from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, tiny_model
+from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, locked_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +69,8 @@ def test_inductor_writes_the_cache_rows_in_place(locked):
     copy back; the compiled backend's cache updates are index_copy_ in place."""
     from torch._inductor.utils import run_and_get_code
 
-    B, N, M = 2, 9, 3
-    gen = torch.Generator().manual_seed(4)
-    index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
-    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen) for s in cache_specs(locked)]
-    inputs = (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
-              torch.ones(B, N, dtype=torch.bool), *caches)
+    inputs = locked_inputs(locked, 9, [3, 3], torch.Generator().manual_seed(4))
+    caches = inputs[4:]
     expected = locked(*inputs[:4], *[c.clone() for c in caches])  # the functional graph
     torch._dynamo.reset()
     with torch.inference_mode():

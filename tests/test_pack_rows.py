@@ -11,7 +11,7 @@ from surelock_fx.optimize import copy_graph_module
 from surelock_fx.passes import cache_specs, is_packed, lock_rows, pack_rows, update_caches_in_place
 from surelock_fx.passes.row_analysis import SDPA
 
-from helpers import assert_unchanged_by, counts, run_locked, tiny_model
+from helpers import assert_unchanged_by, counts, locked_inputs, run_locked, tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -61,18 +61,6 @@ def test_pack_index():
     assert rows.tolist() == [0] and unpack.tolist() == [[0], [0]]
 
 
-def random_inputs(locked, active, N, dtype, seed):
-    """Inputs of a locked graph with ``active[b]`` random positions in batch row b (padded with N)."""
-    gen = torch.Generator().manual_seed(seed)
-    B, M = len(active), max(max(active), 1)
-    index = torch.full((B, M), N)
-    for b, count in enumerate(active):
-        index[b, :count] = torch.randperm(N, generator=gen)[:count].sort().values
-    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen).to(dtype) for s in cache_specs(locked)]
-    return (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
-            torch.ones(B, N, dtype=torch.bool), *caches)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_place_first", [False, True], ids=["functional", "in-place-caches"])
 @pytest.mark.parametrize("N, active", [(9, [3]), (12, [1, 12, 5]), (10, [4, 0, 7, 2]), (6, [0, 0])])
@@ -82,7 +70,7 @@ def test_packed_graph_matches_unpacked(dtype, in_place_first, N, active):
     locked = locked_graph(dtype)
     packed = copy_graph_module(locked)
     packed = pack_rows(update_caches_in_place(packed)) if in_place_first else pack_rows(packed)
-    inputs = random_inputs(locked, active, N, dtype, seed=N + sum(active))
+    inputs = locked_inputs(locked, N, active, torch.Generator().manual_seed(N + sum(active)), dtype)
     with torch.no_grad():
         expected, expected_caches = run_locked(locked, inputs, rows_packed=False)
         fresh = tuple(t.clone() for t in inputs)  # the in-place graph writes its cache inputs

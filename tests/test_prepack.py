@@ -7,22 +7,15 @@ import torch.nn.functional as F
 
 from surelock_fx.capture import capture
 from surelock_fx.optimize import PACKED_BACKENDS, compile_graph, copy_graph_module
-from surelock_fx.passes import cache_specs, lock_rows, prepack_linear_weights
+from surelock_fx.passes import lock_rows, prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
-from helpers import counts, tiny_model
+from helpers import counts, locked_inputs, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="prepacking needs a torch build with oneDNN (mkldnn)")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-def locked_inputs(gm, B, N, M, gen, dtype):
-    index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])
-    caches = [torch.randn(B, s.heads, N + 1, s.head_dim, generator=gen).to(dtype) for s in cache_specs(gm)]
-    return (torch.randint(0, 97, (B, N), generator=gen), torch.arange(N).expand(B, N), index,
-            torch.ones(B, N, dtype=torch.bool), *caches)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +75,7 @@ def test_packed_graph_matches_unpacked(dtype, B, N, M):
     gm = lock_rows(capture(model))
     packed = prepack_linear_weights(copy_graph_module(gm))
     gen = torch.Generator().manual_seed(B * N * M)
-    inputs = locked_inputs(gm, B, N, M, gen, dtype)
+    inputs = locked_inputs(gm, N, [M] * B, gen, dtype)
     with torch.no_grad():
         expected, got = gm(*inputs), packed(*inputs)
     tol = TOLERANCE[dtype]
@@ -111,5 +104,5 @@ def test_inductor_backend_packs_every_linear(model):
     gm = lock_rows(capture(model))
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     with torch.inference_mode():
-        compile_graph(gm, "inductor")(*locked_inputs(gm, 2, 9, 4, torch.Generator().manual_seed(0), torch.float32))
+        compile_graph(gm, "inductor")(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == counts(gm)[LINEAR]
