@@ -34,10 +34,11 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is the FLOPs ratio of what the eager graph
-computes: the active rows in its projections, FFN and LM head (packed across the batch, passes.pack_rows),
-but B x M queries in attention, where every batch row runs as many as the one with the most active rows
-(inductor's graph is not packed: it computes B x M rows throughout).
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend, the FLOPs ratio of what
+its locked graph computes: attention runs B x M queries, every batch row as many as the one with the most
+active rows; the projections, FFN and LM head run the active rows only on steps that run packed across the
+batch (passes.pack_rows: eager every step, inductor where ``runtime.pays_to_pack``; ``packed_steps``),
+else B x M rows.
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
 each sampled step at the eager graph's active rows and at the dense rows, interpolated alike): the bound the
 weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
@@ -58,7 +59,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.lock import active_index  # noqa: E402
-from surelock_fx.runtime import FULL_FROM  # noqa: E402
+from surelock_fx.optimize import PACKING  # noqa: E402
+from surelock_fx.runtime import FULL_FROM, pays_to_pack  # noqa: E402
 from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special_ids, step_candidates  # noqa: E402
 
 NAME = "decode_e2e"
@@ -353,10 +355,16 @@ def decided(x: torch.Tensor, positions: torch.Tensor, mask_id: int) -> torch.Ten
     return x.masked_fill(positions & (x == mask_id), 0)
 
 
+def runs_packed(backend: str, entries: int, real: int) -> bool:
+    """Whether a step of ``backend``'s locked decode runs its packed graph (``OptimizedModel``)."""
+    packing = PACKING.get(backend)
+    return packing == "packed" or (packing == "either" and pays_to_pack(entries, real))
+
+
 def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
     """Compile the inductor variants for this shape, untimed: the lock rule's KL (one and several
-    candidate rows), a full-width, a mid-decode and a single-row pass (dynamo specialises a size of 1,
-    and M = N at first sight through duck sizing)."""
+    candidate rows), and in both forms of the locked graph (padded, packed) a full-width, a mid-decode
+    and a single-row pass (dynamo specialises a size of 1, and M = N at first sight through duck sizing)."""
     with torch.inference_mode():
         x = x0.clone()
         for v in variants.values():
@@ -368,15 +376,17 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
             V = v.model.config.vocab_size
             for rows in (1, 2):  # separate tensors: dynamo also specialises a storage offset of 0
                 v.model.kl(torch.zeros(rows, V), torch.zeros(rows, V), torch.zeros(rows))
-            runner = v.model.decode_runner(lock, DecodeStats())
-            decode_step(runner, x, mask_id, eos, eot)
-            t = steps // 2
-            unmasked, first = state_at(plan, order, t)
-            runner.state.locked = plan.locked(first, t)
-            decode_step(runner, decided(x, unmasked, mask_id), mask_id, eos, eot)
-            runner.state.locked = torch.ones_like(runner.state.locked)
-            runner.state.locked[:, -1] = False  # every other position decided, as locked ones are
-            decode_step(runner, decided(x, runner.state.locked, mask_id), mask_id, eos, eot)
+            for pack_from in (float("inf"), 0.0):  # no pass packed, then every pass
+                runner = v.model.decode_runner(lock, DecodeStats())
+                runner.pack_from = pack_from
+                decode_step(runner, x, mask_id, eos, eot)
+                t = steps // 2
+                unmasked, first = state_at(plan, order, t)
+                runner.state.locked = plan.locked(first, t)
+                decode_step(runner, decided(x, unmasked, mask_id), mask_id, eos, eot)
+                runner.state.locked = torch.ones_like(runner.state.locked)
+                runner.state.locked[:, -1] = False  # every other position decided, as locked ones are
+                decode_step(runner, decided(x, runner.state.locked, mask_id), mask_id, eos, eot)
 
 
 def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
@@ -426,7 +436,8 @@ def exact_decode(variant: Variant, schedule: Schedule, prompt: torch.Tensor, G: 
     else:
         out = surelock_fx.generate(variant.model, prompt, **kw)
     s = out.stats
-    return dict(time_s=s.wall_time_s, active_counts=s.active_counts, flops_dense=s.flops_dense, flops_locked=s.flops_locked)
+    return dict(time_s=s.wall_time_s, active_counts=s.active_counts, flops_dense=s.flops_dense, flops_locked=s.flops_locked,
+                packed_passes=s.packed_passes)
 
 
 def run(args) -> dict:
@@ -462,8 +473,12 @@ def run(args) -> dict:
         flops_locked = sum(flops.step(a, N) for a in counts)
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
-                   active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)),
-                   padded_flops_ratio=sum(flops.step(c, N, queries=B * w) for c, w in zip(counts, widths)) / flops_dense)
+                   active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
+        packed = {b: [runs_packed(b, B * w, c) for c, w in zip(counts, widths)] for b in ("eager", "inductor")}
+        row["packed_steps"] = {b: sum(p) for b, p in packed.items()}
+        row["padded_flops_ratio"] = {
+            b: sum(flops.step(c if p else B * w, N, queries=B * w) for c, w, p in zip(counts, widths, packed[b]))
+            / flops_dense for b in packed}
         row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
         with common.count_compilations() as compiles:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)

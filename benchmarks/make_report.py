@@ -249,11 +249,14 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
                       "locked inductor / plain"], rows))
     padded = [r for r in d["results"] if "padded_flops_ratio" in r]
     if padded:
-        out.append("Batch padding: the eager backend's projections, FFN and LM head compute the active rows only, "
-                   "packed across the batch (`passes/pack_rows.py`), while attention runs every batch row's queries as "
-                   "many as the row with the most active ones (inductor's graph pads all of its ops that way), so the "
-                   "eager graph computes a FLOPs ratio of " + ", ".join(
-                       f"{f3(r['padded_flops_ratio'])} (B={r['batch']}, G={r['gen_length']})" for r in padded)
+        out.append("Batch padding: attention runs every batch row's queries as many as the row with the most active "
+                   "ones; the projections, FFN and LM head compute the active rows only on the steps that run packed "
+                   "across the batch (`passes/pack_rows.py`: eager every step, inductor where the padding reaches "
+                   "`runtime.PACK_FROM` of the rows), else as many as attention. The locked graphs compute a FLOPs "
+                   "ratio (eager / inductor, inductor's packed steps) of " + ", ".join(
+                       f"{f3(r['padded_flops_ratio']['eager'])} / {f3(r['padded_flops_ratio']['inductor'])}, "
+                       f"{r['packed_steps']['inductor']} of {r['steps']} (B={r['batch']}, G={r['gen_length']})"
+                       for r in padded)
                    + " against the FLOPs ratio above (active rows only), which the ideal is computed from.")
     errs = [(r, k, v) for r in d["results"] for k, v in (r.get("estimator_error") or {}).items()]
     if errs:

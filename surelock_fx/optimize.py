@@ -18,11 +18,13 @@ from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
-# Backends whose graph packs the active rows across the batch (passes.pack_rows). Not inductor: its
-# generated gathers around attention cost more than eager's, 2% of a step where nothing is padded (one
-# step, e2e model, CPU, B = 8, 40 active rows each; eager: 0.7%), which is every step at B = 1 and most
-# of a decode at B > 1 (benchmarks/decode_e2e.py: locked efficiency 0.03-0.05 lower at G = 256, B = 1-8).
-PACKED_BACKENDS = ("eager",)
+# How the in-process backends run the active rows. "packed": across the batch, the real rows only
+# (passes.pack_rows), every step. "either": the graph padded to B x M rows and its packed form, chosen
+# per step (runtime.PACK_FROM). Eager's packing costs 0.7% of a step where nothing is padded (one step,
+# e2e model, CPU, B = 8, 40 active rows each); inductor's generated gathers and index checks around
+# attention cost 2%, which is every step at B = 1 and many at B > 1 (padding is 0-10% of the rows of a
+# replayed decode, benchmarks/decode_e2e.py).
+PACKING = {"eager": "packed", "inductor": "either"}
 
 
 class FrozenInductor:
@@ -46,17 +48,17 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def compile_graph(gm: fx.GraphModule, backend: str):
+def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):
     """The callable that runs ``gm`` for an in-process backend, on a copy of it that shares its weights
     (``gm`` stays functional, for export): K/V caches updated in place (passes.update_caches_in_place),
-    for the ``PACKED_BACKENDS`` the active rows packed across the batch (passes.pack_rows), the cache
-    rows written by index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear
-    weights packed once (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes,
-    frozen weights: later changes to the model's weights are not seen)."""
-    if backend not in ("eager", "inductor"):
+    if ``packed`` the active rows packed across the batch (passes.pack_rows), the cache rows written by
+    index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear weights packed once
+    (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, compiled on first
+    call, frozen weights: later changes to the model's weights are not seen)."""
+    if backend not in PACKING:
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
-    if backend in PACKED_BACKENDS:
+    if packed:
         runnable = pack_rows(runnable)
     runnable = index_copy_cache_updates(runnable)
     if backend == "inductor":
@@ -72,7 +74,10 @@ class OptimizedModel(torch.nn.Module):
     as export needs it. Calling the model runs the compiled form, which with the eager and inductor
     backends updates the caches it is given in place and returns them; with the eager backend
     (``packed``; passes.pack_rows) it computes only the real entries of ``active_index`` (< N), and
-    its logits are [1, R, V], the real entries' in row-major order.
+    its logits are [1, R, V], the real entries' in row-major order. The inductor backend also holds
+    that packed form (``compiled_packed``), which its decodes run on steps with enough padding
+    (``runtime.PACK_FROM``); it is compiled on the first such step, with its own frozen copy of the
+    weights (none at B = 1, where with ``bucket`` 1 no step is padded).
     """
 
     def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,
@@ -84,8 +89,10 @@ class OptimizedModel(torch.nn.Module):
         self.backend = backend
         self.bucket = bucket
         self.compile_seconds = compile_seconds
-        self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend)
-        self.packed = backend in PACKED_BACKENDS
+        packing = PACKING.get(backend)
+        self.packed = packing == "packed"
+        self.compiled = locked if packing is None else compile_graph(locked, backend, packed=self.packed)
+        self.compiled_packed = compile_graph(locked, backend, packed=True) if packing == "either" else None
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
@@ -95,8 +102,9 @@ class OptimizedModel(torch.nn.Module):
         return self.compiled(input_ids, position_ids, active_index, key_mask, *packing, *caches)
 
     def decode_runner(self, lock: LockConfig | None, stats: DecodeStats) -> LockedRunner:
-        return LockedRunner(self.compiled, cache_specs(self.graph_module), self.config, self.flops,
-                            lock, stats, self.bucket, kl=self.kl, packed=self.packed)
+        graph, packed_graph = (None, self.compiled) if self.packed else (self.compiled, self.compiled_packed)
+        return LockedRunner(graph, cache_specs(self.graph_module), self.config, self.flops, lock, stats,
+                            self.bucket, kl=self.kl, packed_graph=packed_graph)
 
 
 def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, export_dir=None,

@@ -26,6 +26,7 @@ class DecodeStats:
 
     steps: int = 0
     forward_passes: int = 0
+    packed_passes: int = 0  # passes that ran a locked graph's packed form (passes.pack_rows)
     wall_time_s: float = 0.0
     active_counts: list[int] = dataclasses.field(default_factory=list)
     locked_counts: list[int] = dataclasses.field(default_factory=list)

@@ -12,9 +12,8 @@ import torch
 
 import surelock_fx
 from surelock_fx.lock import active_index
-from surelock_fx.passes import cache_specs
 from surelock_fx.reference import reference_generate
-from surelock_fx.runtime import FULL_FROM, LockedRunner
+from surelock_fx.runtime import FULL_FROM
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -160,9 +159,12 @@ def test_decode_e2e(out):
     rows = {(r["batch"], r["gen_length"]): r for r in saved["results"]}
     assert set(rows) == {(1, 8), (2, 8)}
     assert rows[(1, 8)]["mode"] == "exact" and rows[(2, 8)]["mode"] == "sampled"
+    assert rows[(1, 8)]["exact"]["locked/eager"]["packed_passes"] == 8  # eager runs every pass packed
     for (B, G), r in rows.items():
         assert 0 < r["flops_ratio"] <= 1 and close(r["flops_ratio"], r["flops_locked"] / r["flops_dense"])
-        assert r["flops_ratio"] <= r["padded_flops_ratio"] <= 1  # padding rows only add to what is computed
+        padded = r["padded_flops_ratio"]  # padding rows only add to what is computed; packing only removes them
+        assert r["flops_ratio"] <= padded["eager"] <= padded["inductor"] <= 1
+        assert r["packed_steps"]["eager"] == G and 0 <= r["packed_steps"]["inductor"] <= G
         assert len(r["active_fraction_curve"]) == G and r["active_fraction_curve"][0] == 1.0
         assert close(r["speedup_eager"], r["time_s"]["dense/eager"] / r["time_s"]["locked/eager"])
         assert close(r["efficiency_eager"], r["speedup_eager"] / r["ideal_speedup"]["eager"])
@@ -222,15 +224,15 @@ def test_crossover_to_full_width_is_exact(tiny, full_from):
 
         @staticmethod
         def decode_runner(lock_config, stats):
-            runner = LockedRunner(opt.compiled, cache_specs(opt.graph_module), tiny.config, opt.flops, lock_config,
-                                  stats, opt.bucket, full_from=full_from, packed=opt.packed)
-            graph = runner.graph
+            runner = opt.decode_runner(lock_config, stats)
+            runner.full_from = full_from
+            graph = runner.packed_graph
 
             def recording(x, positions, index, *rest):
                 widths.append((index.shape[1], x.shape[1], int((index < x.shape[1]).sum(1).max())))
                 return graph(x, positions, index, *rest)
 
-            runner.graph = recording
+            runner.packed_graph = recording
             return runner
 
     prompt = torch.randint(0, 90, (2, 5), generator=torch.Generator().manual_seed(3))

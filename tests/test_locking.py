@@ -4,7 +4,11 @@ import torch
 
 import surelock_fx
 from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence, log_sum_exp
+from surelock_fx.optimize import compile_graph
+from surelock_fx.passes import cache_specs
 from surelock_fx.reference import reference_generate
+from surelock_fx.runtime import LockedRunner, pays_to_pack
+from surelock_fx.sampler import DecodeStats
 
 from helpers import hf_llama_from_llada, tiny_model
 
@@ -82,13 +86,13 @@ def test_packed_decode_computes_only_the_real_rows(model, optimized):
         @staticmethod
         def decode_runner(lock, stats):
             runner = optimized.decode_runner(lock, stats)
-            graph = runner.graph
+            graph = runner.packed_graph
 
             def recording(x, positions, index, key_mask, packed_rows, *rest):
                 calls.append((len(packed_rows), index.numel()))
                 return graph(x, positions, index, key_mask, packed_rows, *rest)
 
-            runner.graph = recording
+            runner.packed_graph = recording
             return runner
 
     p = prompts(3, 5, seed=11)
@@ -285,13 +289,56 @@ def test_kl_divergence_matches_float64_reference(compiled):
 
 
 def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
+    """Inductor's decode runs its padded graph on some steps and its packed one on others."""
     compiled = surelock_fx.optimize(model, backend="inductor")
-    p = prompts(2, 5, seed=21)
+    p = prompts(3, 5, seed=21)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
     fast, eager = surelock_fx.generate(compiled, p, **kw), surelock_fx.generate(optimized, p, **kw)
     assert torch.equal(fast.tokens, eager.tokens)
     assert fast.stats.locked_counts[-1] > 0
     assert fast.stats.locked_counts == eager.stats.locked_counts
+    assert 0 < fast.stats.packed_passes < fast.stats.forward_passes
+    assert eager.stats.packed_passes == eager.stats.forward_passes
+
+
+def decode_with_graphs(opt, prompt, graph, packed_graph, **kw):
+    """generate() with a LockedRunner over ``opt``'s locked graph in the given compiled forms; also the
+    (form, active index entries, active rows) each pass ran."""
+    passes = []
+
+    def recording(form, run):
+        def call(x, positions, index, *rest):
+            passes.append((form, index.numel(), int((index < x.shape[1]).sum())))
+            return run(x, positions, index, *rest)
+        return call if run is not None else None
+
+    class Model:
+        config = opt.config
+
+        @staticmethod
+        def decode_runner(lock, stats):
+            return LockedRunner(recording("padded", graph), cache_specs(opt.graph_module), opt.config, opt.flops,
+                                lock, stats, packed_graph=recording("packed", packed_graph))
+
+    return surelock_fx.generate(Model(), prompt, **kw), passes
+
+
+def test_runner_runs_the_packed_graph_exactly_where_padding_pays(optimized):
+    """Holding both forms of the locked graph, a runner runs the packed one on the steps whose padding
+    reaches PACK_FROM, and decodes the tokens either form decodes alone."""
+    padded = compile_graph(optimized.graph_module, "eager")
+    packed = compile_graph(optimized.graph_module, "eager", packed=True)
+    p = prompts(3, 5, seed=21)
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
+    both, passes = decode_with_graphs(optimized, p, padded, packed, **kw)
+    assert [form == "packed" for form, _, _ in passes] == [pays_to_pack(n, real) for _, n, real in passes]
+    assert 0 < both.stats.packed_passes < len(passes) == both.stats.forward_passes
+    for alone in (dict(graph=padded, packed_graph=None), dict(graph=None, packed_graph=packed)):
+        out, _ = decode_with_graphs(optimized, p, **alone, **kw)
+        assert torch.equal(out.tokens, both.tokens)
+        assert out.stats.locked_counts == both.stats.locked_counts
+    with pytest.raises(ValueError, match="needs a graph"):
+        LockedRunner(None, [], optimized.config, optimized.flops, None, DecodeStats())
 
 
 def test_confidence_gate_keeps_only_the_most_confident():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from surelock_fx.capture import capture
-from surelock_fx.optimize import PACKED_BACKENDS, compile_graph, copy_graph_module
+from surelock_fx.optimize import compile_graph, copy_graph_module
 from surelock_fx.passes import lock_rows, prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
@@ -90,12 +90,13 @@ def test_compile_graph_leaves_its_input_exportable(model):
     assert gm.code == code and counts(gm)[PACKED_LINEAR] == 0
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_compiled_backends_match_reference_semantics(backend):
+def test_compiled_backends_match_reference_semantics(backend, packed):
     model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
     gm = lock_rows(capture(model))
-    check_against_reference(model, compiled_with_specs(compile_graph(gm, backend), gm), 3, 10, [2, 10, 0], seed=9,
-                            rows_packed=backend in PACKED_BACKENDS)
+    check_against_reference(model, compiled_with_specs(compile_graph(gm, backend, packed), gm), 3, 10, [2, 10, 0],
+                            seed=9, rows_packed=packed)
 
 
 def test_inductor_backend_packs_every_linear(model):
