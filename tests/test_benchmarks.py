@@ -296,3 +296,20 @@ def test_make_report(out):
     for line in text.splitlines():
         if line.startswith("!["):
             assert (report.parent / line.split("(", 1)[1].rstrip(")")).exists()
+
+
+def test_make_report_writes_the_readme_limitations(out):
+    if not all((out / f"{name}.json").exists() for name in ("step_latency", "decode_e2e")):
+        pytest.skip("needs the JSON of the other tests")
+    data = make_report.load(out)
+    readme = out / "README.md"
+    readme.write_text("intro\n<!-- limitations:begin -->\nold\n<!-- limitations:end -->\nrest\n")
+    assert make_report.update_readme(dict(benchmarks="absent", limitations=make_report.limitations(data)),
+                                     readme) == ["limitations"]
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- limitations:begin -->\n- A pass with few") and "old" not in text
+    assert text.endswith("<!-- limitations:end -->\nrest\n")
+    flat = " ".join(text.split())
+    r = next(r for r in data["decode_e2e"]["results"] if r["batch"] == 2)
+    assert f"a FLOPs ratio of {r['padded_flops_ratio']['exported']:.3f} computed for {r['flops_ratio']:.3f}" in flat
+    assert f"run of commit {data['decode_e2e']['machine']['git_commit']}" in flat
