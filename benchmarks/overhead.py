@@ -4,8 +4,9 @@
 
 1. **optimize()**: wall time of its parts, capture (torch.export + cleanup passes), the
    ``lock_rows`` rewrite, and, for inductor, the compilation on the first call (first call minus a
-   steady call), next to ``torch.compile`` of the dense model; compilations counted with
-   torch._dynamo's counters.
+   steady call) and that of its packed form on the first packed pass (which a decode runs only once
+   padding pays, ``runtime.PACK_FROM``), next to ``torch.compile`` of the dense model; compilations
+   counted with torch._dynamo's counters.
 2. **Per-step bookkeeping**: complete decode steps of the locked runner at several points of a
    replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
    its phases (``surelock::index``, ``surelock::release``, ``surelock::graph``,
@@ -71,8 +72,20 @@ def parse_args(argv=None):
     return args
 
 
+def first_and_steady(call) -> tuple[float, float, dict]:
+    """(seconds of the first of three calls, of the fastest later one, compilations during them)."""
+    times = []
+    with common.count_compilations() as compiles, torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    return times[0], min(times[1:]), compiles
+
+
 def optimize_cost(model, backends, B: int, N: int, bucket: int) -> tuple[dict, dict]:
-    """Seconds of capture, rewrite, and first-call compilation, per backend, with dense torch.compile
+    """Seconds of capture, rewrite, and first-call compilation, per backend (inductor: of its padded
+    graph at the first call, of its packed form at the first packed one), with dense torch.compile
     alongside; and the optimized models (reused for the step measurements)."""
     out, built = {}, {}
     t0 = time.perf_counter()
@@ -82,33 +95,32 @@ def optimize_cost(model, backends, B: int, N: int, bucket: int) -> tuple[dict, d
     t2 = time.perf_counter()
     out["capture_s"], out["lock_rows_s"] = t1 - t0, t2 - t1
     ids = torch.randint(0, model.config.vocab_size - 8, (B, N), generator=torch.Generator().manual_seed(0))
+
+    def runner_call(opt, pack_from):
+        """A fresh runner's first pass (all rows active), packed if pack_from is 0."""
+        def call():
+            runner = opt.decode_runner(surelock_fx.LockConfig(), DecodeStats())
+            runner.pack_from = pack_from
+            runner(ids, None)
+        return call
+
     for backend in backends:
         start = time.perf_counter()
         opt = built[backend] = surelock_fx.optimize(model, backend=backend, bucket=bucket)
         optimize_s = time.perf_counter() - start
-        runner_calls = []
-        with common.count_compilations() as compiles:
-            for _ in range(3):  # first call compiles (inductor); the others are steady
-                runner = opt.decode_runner(surelock_fx.LockConfig(), DecodeStats())
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    runner(ids, None)
-                runner_calls.append(time.perf_counter() - start)
-        entry = dict(optimize_s=optimize_s, first_call_s=runner_calls[0], steady_call_s=min(runner_calls[1:]),
-                     compile_on_first_call_s=max(0.0, runner_calls[0] - min(runner_calls[1:])),
-                     compilations=compiles)
+        first, steady, compiles = first_and_steady(runner_call(opt, float("inf")))  # first call compiles (inductor)
+        entry = dict(optimize_s=optimize_s, first_call_s=first, steady_call_s=steady,
+                     compile_on_first_call_s=max(0.0, first - steady), compilations=compiles,
+                     packed_compile_on_first_use_s=0.0)
+        if getattr(opt, "compiled_packed", None) is not None:
+            first, steady, compiles = first_and_steady(runner_call(opt, 0.0))
+            entry["packed_compile_on_first_use_s"] = max(0.0, first - steady)
+            entry["packed_compilations"] = compiles
         dense = common.compiled_dense(model, backend)
-        dense_calls = []
-        with common.count_compilations() as compiles, torch.inference_mode():
-            for _ in range(3):
-                start = time.perf_counter()
-                dense(ids)
-                dense_calls.append(time.perf_counter() - start)
-        entry["dense_first_call_s"] = dense_calls[0]
-        entry["dense_steady_call_s"] = min(dense_calls[1:])
-        entry["dense_compile_s"] = max(0.0, dense_calls[0] - min(dense_calls[1:]))
-        entry["dense_compilations"] = compiles
-        entry["total_setup_s"] = optimize_s + entry["compile_on_first_call_s"]
+        first, steady, compiles = first_and_steady(lambda: dense(ids))
+        entry.update(dense_first_call_s=first, dense_steady_call_s=steady, dense_compile_s=max(0.0, first - steady),
+                     dense_compilations=compiles)
+        entry["total_setup_s"] = optimize_s + entry["compile_on_first_call_s"] + entry["packed_compile_on_first_use_s"]
         out[backend] = entry
     return out, built
 

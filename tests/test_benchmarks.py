@@ -267,6 +267,9 @@ def test_overhead(out):
     cost = saved["optimize_cost"]
     assert {"capture_s", "lock_rows_s", "eager"} <= set(cost)
     assert {"optimize_s", "compile_on_first_call_s", "total_setup_s", "compilations"} <= set(cost["eager"])
+    eager = cost["eager"]  # eager's one graph is packed: no second form to compile
+    assert eager["packed_compile_on_first_use_s"] == 0 and "packed_compilations" not in eager
+    assert close(eager["total_setup_s"], eager["optimize_s"] + eager["compile_on_first_call_s"])
     assert len(saved["steps"]) == 2 == len(result["steps"])
     for st in saved["steps"]:
         assert {"index", "graph", "lock_update", "runner", "sampler"} <= set(st["phases_s"])
