@@ -560,6 +560,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set(xscale="log", xticks=Bs, xticklabels=[str(b) for b in Bs], xlabel="batch size B",
                ylabel="tokens/s ratio (locked / dense)", title=f"G={G}")
+        ax.minorticks_off()  # only the batch sizes are labelled
         ax.legend(fontsize=7)
     paths.append(common.save_figure(fig, out_dir, f"{NAME}_speedup.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
