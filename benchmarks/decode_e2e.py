@@ -37,7 +37,7 @@ FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked varian
 model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend (and for the exported
 graphs), the FLOPs ratio of what its locked graph computes: attention runs B x M queries, every batch row as many as the one with the most
 active rows; the projections, FFN and LM head run the active rows only on steps that run packed across the
-batch (passes.pack_rows: eager every step, inductor where ``runtime.pays_to_pack``, the exported graphs
+batch (passes.pack_rows: eager every step, inductor where ``runtime.runs_packed``, the exported graphs
 never; ``packed_steps``), else B x M rows.
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
 each sampled step at the eager graph's active rows and at the dense rows, interpolated alike): the bound the
@@ -59,8 +59,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.lock import active_index  # noqa: E402
-from surelock_fx.optimize import PACKING  # noqa: E402
-from surelock_fx.runtime import FULL_FROM, pays_to_pack  # noqa: E402
+from surelock_fx.optimize import EXPORTED_FORMS, FORMS  # noqa: E402
+from surelock_fx.runtime import FULL_FROM, runs_packed  # noqa: E402
 from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special_ids, step_candidates  # noqa: E402
 
 NAME = "decode_e2e"
@@ -358,12 +358,6 @@ def decided(x: torch.Tensor, positions: torch.Tensor, mask_id: int) -> torch.Ten
     return x.masked_fill(positions & (x == mask_id), 0)
 
 
-def runs_packed(backend: str, entries: int, real: int) -> bool:
-    """Whether a step of ``backend``'s locked decode runs its packed graph (``OptimizedModel``)."""
-    packing = PACKING.get(backend)
-    return packing == "packed" or (packing == "either" and pays_to_pack(entries, real))
-
-
 def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
     """Compile the inductor variants for this shape, untimed: the lock rule's KL (one and several
     candidate rows), and in both forms of the locked graph (padded, packed) a full-width, a mid-decode
@@ -477,7 +471,8 @@ def run(args) -> dict:
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
                    active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
-        packed = {b: [runs_packed(b, B * w, c) for c, w in zip(counts, widths)] for b in COMPUTED}
+        packed = {b: [runs_packed(FORMS.get(b, EXPORTED_FORMS), B * w, c) for c, w in zip(counts, widths)]
+                  for b in COMPUTED}
         row["packed_steps"] = {b: sum(p) for b, p in packed.items()}
         row["padded_flops_ratio"] = {
             b: sum(flops.step(c if p else B * w, N, queries=B * w) for c, w, p in zip(counts, widths, packed[b]))

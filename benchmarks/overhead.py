@@ -112,7 +112,7 @@ def optimize_cost(model, backends, B: int, N: int, bucket: int) -> tuple[dict, d
         entry = dict(optimize_s=optimize_s, first_call_s=first, steady_call_s=steady,
                      compile_on_first_call_s=max(0.0, first - steady), compilations=compiles,
                      packed_compile_on_first_use_s=0.0)
-        if getattr(opt, "compiled_packed", None) is not None:
+        if opt.compiled_packed is not None:
             first, steady, compiles = first_and_steady(runner_call(opt, 0.0))
             entry["packed_compile_on_first_use_s"] = max(0.0, first - steady)
             entry["packed_compilations"] = compiles

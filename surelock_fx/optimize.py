@@ -18,13 +18,14 @@ from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
-# How the in-process backends run the active rows. "packed": across the batch, the real rows only
-# (passes.pack_rows), every step. "either": the graph padded to B x M rows and its packed form, chosen
-# per step (runtime.PACK_FROM). Eager's packing costs 0.7% of a step where nothing is padded (one step,
-# e2e model, CPU, B = 8, 40 active rows each); inductor's generated gathers and index checks around
-# attention cost 2%, which is every step at B = 1 and many at B > 1 (padding is 0-10% of the rows of a
-# replayed decode, benchmarks/decode_e2e.py).
-PACKING = {"eager": "packed", "inductor": "either"}
+# The forms of the locked graph each in-process backend compiles: (padded: B x M rows, packed: the
+# real rows only, passes.pack_rows); with both, a step runs the packed one where padding pays
+# (runtime.runs_packed, PACK_FROM). Eager's packing costs 0.7% of a step where nothing is padded (one
+# step, e2e model, CPU, B = 8, 40 active rows each); inductor's generated gathers and index checks
+# around attention cost 2%, which is every step at B = 1 and many at B > 1 (padding is 0-10% of the
+# rows of a replayed decode, benchmarks/decode_e2e.py). The exported graphs are padded only.
+FORMS = {"eager": (False, True), "inductor": (True, True)}
+EXPORTED_FORMS = (True, False)
 
 
 class FrozenInductor:
@@ -55,7 +56,7 @@ def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):
     index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear weights packed once
     (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, compiled on first
     call, frozen weights: later changes to the model's weights are not seen)."""
-    if backend not in PACKING:
+    if backend not in FORMS:
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
     if packed:
@@ -89,10 +90,10 @@ class OptimizedModel(torch.nn.Module):
         self.backend = backend
         self.bucket = bucket
         self.compile_seconds = compile_seconds
-        packing = PACKING.get(backend)
-        self.packed = packing == "packed"
-        self.compiled = locked if packing is None else compile_graph(locked, backend, packed=self.packed)
-        self.compiled_packed = compile_graph(locked, backend, packed=True) if packing == "either" else None
+        padded, packed = FORMS.get(backend, EXPORTED_FORMS)
+        self.packed = not padded
+        self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend, packed=self.packed)
+        self.compiled_packed = compile_graph(locked, backend, packed=True) if padded and packed else None
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence

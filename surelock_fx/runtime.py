@@ -61,16 +61,19 @@ class FlopModel:
 FULL_FROM = 0.98
 
 # The crossover to the packed graph (passes.pack_rows) where a backend has both forms: a step runs it
-# when padding is at least this share of the active index's B x M entries. Packing costs inductor's
+# when padding is at least this share of the active index's B x M entries (``runs_packed``). Packing costs inductor's
 # generated code about 2% of a step with no padding (one step, e2e model, CPU, B = 8, 40 active rows
 # each: packed / padded 0.98x) and saves the padding rows' share: 0.99x at 1.9% padding, 1.00x at
 # 3.8%, 1.07x at 6.3%.
 PACK_FROM = 0.03
 
 
-def pays_to_pack(entries: int, real: int, pack_from: float = PACK_FROM) -> bool:
-    """Whether a step whose active index has ``entries`` entries, ``real`` of them active rows, runs packed."""
-    return entries - real >= pack_from * entries
+def runs_packed(forms: tuple[bool, bool], entries: int, real: int, pack_from: float = PACK_FROM) -> bool:
+    """Whether a step whose active index has ``entries`` entries, ``real`` of them active rows, runs the
+    packed graph, given the forms there are (padded, packed): the packed one if it is the only one, or
+    if the padding reaches ``pack_from``."""
+    padded, packed = forms
+    return packed and (not padded or entries - real >= pack_from * entries)
 
 
 LockedGraph = Callable[..., tuple]
@@ -80,7 +83,7 @@ class LockedRunner:
     """Runs a locked graph for one decode, holding its caches and lock state. ``graph`` computes the
     active index's B x M entries; ``packed_graph`` (passes.pack_rows) takes ``pack_index``'s inputs after
     ``key_mask`` and computes and returns the real rows only. Given both, a step runs the packed one when
-    its padding makes it pay (``pays_to_pack``); either may be None."""
+    its padding makes it pay (``runs_packed``); either may be None."""
 
     def __init__(self, graph: LockedGraph | None, specs: list[CacheSpec], config, flops: FlopModel,
                  lock: LockConfig | None, stats: DecodeStats, bucket: int = 1, full_from: float = FULL_FROM,
@@ -110,29 +113,25 @@ class LockedRunner:
         unmasked = x != self.mask_id
         with record_function("surelock::index"):
             index, counts = active_index(self.state.locked, self.bucket, self.full_from)
-            packed = self._runs_packed(index.numel(), int(counts.sum()))
+            real = int(counts.sum())
+            forms = (self.graph is not None, self.packed_graph is not None)
+            packed = runs_packed(forms, index.numel(), real, self.pack_from)
             packing = pack_index(index, N) if packed else ()
         with record_function("surelock::release"):
             self.state.release(unmasked, len(packing[0]) if packing else index.numel())
         with record_function("surelock::graph"):
             graph = self.packed_graph if packed else self.graph
             logits, *self.caches = graph(x, self.positions, index, key_mask, *packing, *self.caches)
-        self._record(counts, N, packed)
+        self._record(real, B, N, packed)
         with record_function("surelock::lock_update"):
             self.state.update(index, logits, unmasked, packing[1] if packing else None)
         return self.state.latest()
 
-    def _runs_packed(self, entries: int, real: int) -> bool:
-        if self.packed_graph is None:
-            return False
-        return self.graph is None or pays_to_pack(entries, real, self.pack_from)
-
-    def _record(self, counts: torch.Tensor, N: int, packed: bool) -> None:
+    def _record(self, active: int, B: int, N: int, packed: bool) -> None:
         stats = self.stats
         stats.forward_passes += 1
         stats.packed_passes += packed
-        active = int(counts.sum())
         stats.active_counts.append(active)
-        stats.locked_counts.append(counts.numel() * N - active)
-        stats.flops_dense += self.flops.step(counts.numel() * N, N)
+        stats.locked_counts.append(B * N - active)
+        stats.flops_dense += self.flops.step(B * N, N)
         stats.flops_locked += self.flops.step(active, N)

@@ -7,7 +7,7 @@ from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence,
 from surelock_fx.optimize import compile_graph
 from surelock_fx.passes import cache_specs
 from surelock_fx.reference import reference_generate
-from surelock_fx.runtime import LockedRunner, pays_to_pack
+from surelock_fx.runtime import LockedRunner, runs_packed
 from surelock_fx.sampler import DecodeStats
 
 from helpers import hf_llama_from_llada, tiny_model
@@ -331,7 +331,7 @@ def test_runner_runs_the_packed_graph_exactly_where_padding_pays(optimized):
     p = prompts(3, 5, seed=21)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
     both, passes = decode_with_graphs(optimized, p, padded, packed, **kw)
-    assert [form == "packed" for form, _, _ in passes] == [pays_to_pack(n, real) for _, n, real in passes]
+    assert [form == "packed" for form, _, _ in passes] == [runs_packed((True, True), n, real) for _, n, real in passes]
     assert 0 < both.stats.packed_passes < len(passes) == both.stats.forward_passes
     for alone in (dict(graph=padded, packed_graph=None), dict(graph=None, packed_graph=packed)):
         out, _ = decode_with_graphs(optimized, p, **alone, **kw)
