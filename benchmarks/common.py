@@ -103,6 +103,22 @@ def run_and_save(name: str, args, run, plot) -> tuple[dict, Path]:
     return result, path
 
 
+def readme_markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def replace_readme_block(path: Path, name: str, text: str) -> bool:
+    """Replace what ``path`` holds between its ``readme_markers(name)`` with ``text``; False (and nothing
+    written) if it has no such block."""
+    readme = Path(path).read_text() if Path(path).exists() else ""
+    begin, end = readme_markers(name)
+    if begin not in readme or end not in readme:
+        return False
+    head, rest = readme.split(begin, 1)
+    Path(path).write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    return True
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -25,7 +25,6 @@ import common  # noqa: E402
 ROOT = common.ROOT
 PAPER = dict(flops_ratio=(0.47, 0.55), tps_ratio_b_ge_2=(1.17, 1.39), tps_ratio_b1_g64=0.73,
              note="LLaDA-8B-Instruct on a GPU, eps 5e-4..5e-3, plain-PyTorch gather/scatter (SureLock, ICLR 2026)")
-README_BLOCKS = ("benchmarks", "limitations")  # <!-- NAME:begin --> ... <!-- NAME:end --> in README.md
 COMMANDS = """```bash
 python benchmarks/step_latency.py   # per-step latency vs active fraction (add --quick for a ~1.5 min run)
 python benchmarks/decode_e2e.py     # end-to-end decodes with a recorded lock schedule
@@ -538,19 +537,8 @@ def limitations(data: dict) -> str | None:
 
 
 def update_readme(blocks: dict[str, str], path: Path = ROOT / "README.md") -> list[str]:
-    """Replace each named block of README.md (between its markers) with its text; the names replaced."""
-    if not path.exists():
-        return []
-    readme, done = path.read_text(), []
-    for name, text in blocks.items():
-        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-        if text is None or begin not in readme or end not in readme:
-            continue
-        head, rest = readme.split(begin, 1)
-        readme = f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}"
-        done.append(name)
-    path.write_text(readme)
-    return done
+    """Replace each named block of README.md (``common.replace_readme_block``) that has a text; the names replaced."""
+    return [name for name, text in blocks.items() if text is not None and common.replace_readme_block(path, name, text)]
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ from surelock_fx.evaluate import accuracy, compare, decode_problems, encode_batc
 
 EPSILONS = [5e-8, 5e-4, 5e-3, 5e-2]
 README = common.ROOT / "README.md"
-MARKERS = ("<!-- quality-table:begin -->", "<!-- quality-table:end -->")
+MARKERS = common.readme_markers("quality-table")
 
 
 def decode_grid(quick: bool) -> list[dict]:
@@ -232,13 +232,8 @@ def provenance(result: dict) -> str:
 
 
 def write_readme_table(result: dict) -> None:
-    text = README.read_text()
-    begin, end = MARKERS
-    if begin not in text or end not in text:
-        raise SystemExit(f"README.md has no {begin} ... {end} block to fill")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{begin}\n{summary_table(result)}\n{end}{tail}")
+    if not common.replace_readme_block(README, "quality-table", summary_table(result)):
+        raise SystemExit(f"README.md has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
 
 
 def main(argv=None) -> None:
