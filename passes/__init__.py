@@ -1,7 +1,7 @@
 """Graph -> graph FX passes: pure functions of a GraphModule, no runtime state."""
 from .detach_full_attention_masks import detach_full_attention_masks
 from .index_copy_cache_updates import index_copy_cache_updates
-from .lock_rows import CacheSpec, cache_specs, is_locked, lock_rows
+from .lock_rows import CacheSpec, cache_specs, copy_graph_module, is_locked, lock_rows
 from .pack_rows import is_packed, pack_rows
 from .prepack_linear_weights import prepack_linear_weights
 from .remove_metadata_asserts import remove_metadata_asserts
@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedGraphError",
     "cache_specs",
     "check_row_wise",
+    "copy_graph_module",
     "detach_full_attention_masks",
     "index_copy_cache_updates",
     "is_locked",

@@ -1,6 +1,7 @@
 """The SureLock rewrite: compute only the active rows, attend over per-layer K/V caches."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import operator
 
@@ -31,6 +32,14 @@ def cache_specs(gm: fx.GraphModule) -> list[CacheSpec]:
     return gm.meta[META_KEY]
 
 
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its own graph and meta (cache specs), sharing its weights: for passes that
+    rewrite a graph in place while the original stays as it is."""
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new.meta.update(gm.meta)
+    return new
+
+
 def input_node(graph: fx.Graph, name: str) -> fx.Node:
     """The placeholder called ``name`` (an input such as ``active_index`` or ``key_mask``)."""
     return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
@@ -46,6 +55,7 @@ class _Builder:
         self.specs: list[CacheSpec] = []
         self.updated: list[fx.Node] = []
         self._index4: dict[tuple[int, int], fx.Node] = {}
+        self._bias: dict[torch.dtype, fx.Node] = {}
 
     def call(self, target, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(target, args, kwargs)
@@ -62,8 +72,6 @@ class _Builder:
         gather_index = self.call(aten.clamp_max.default, self.active_index, last)
         for n in tokens:
             self.env[n] = self._gather(new[n], gather_index, n.meta["val"])
-        mask = self.call(aten.unsqueeze.default, self.key_mask, 1)
-        self.attn_mask = self.call(aten.unsqueeze.default, mask, 1)
 
     def _gather(self, full: fx.Node, index: fx.Node, example: torch.Tensor) -> fx.Node:
         """Rows ``index`` [B, M] of a [B, N, ...] input (trailing dims must be static)."""
@@ -73,6 +81,17 @@ class _Builder:
         if trailing:
             index = self.call(aten.expand.default, index, [-1, -1] + trailing)
         return self.call(aten.gather.default, full, 1, index)
+
+    def _attention_bias(self, dtype: torch.dtype) -> fx.Node:
+        """[B, 1, 1, N] additive attention mask of ``dtype`` from ``key_mask``: 0 where a key is attended
+        to, -inf where not (what SDPA makes of a boolean mask; as a float one, ONNX's attention needs no
+        NaN guard over the scores)."""
+        if dtype not in self._bias:
+            padding = self.call(aten.logical_not.default, self.key_mask)
+            zeros = self.call(aten.zeros_like.default, padding, dtype=dtype)
+            bias = self.call(aten.masked_fill.Scalar, zeros, padding, float("-inf"))
+            self._bias[dtype] = self.call(aten.unsqueeze.default, self.call(aten.unsqueeze.default, bias, 1), 1)
+        return self._bias[dtype]
 
     def _scatter_index(self, heads: int, head_dim: int) -> fx.Node:
         key = (heads, head_dim)
@@ -98,7 +117,8 @@ class _Builder:
         extra = dict(zip(("dropout_p", "is_causal", "scale"), node.args[4:7]))
         kwargs.update({k_: v_ for k_, v_ in extra.items() if k_ == "scale"})
         key, value = self.cached(k, "k"), self.cached(v, "v")
-        return self.call(SDPA, self.env[q], key, value, self.attn_mask, **kwargs)
+        bias = self._attention_bias(q.meta["val"].dtype)
+        return self.call(SDPA, self.env[q], key, value, bias, **kwargs)
 
 
 def lock_rows(gm: fx.GraphModule) -> fx.GraphModule:

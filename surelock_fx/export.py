@@ -32,7 +32,7 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from .passes import cache_specs, is_locked
+from .passes import cache_specs, copy_graph_module, index_copy_cache_updates, is_locked
 
 DIM_NAMES = ("batch", "seq", "active")
 EXAMPLE_SIZES = (2, 8, 3)  # preferred tracing sizes of batch, seq, active
@@ -200,14 +200,15 @@ def export_onnx(optimized, path, *, opset_version: int | None = None, optimize: 
     external data next to it (``<file>.data``), so models over 2 GB export too. Inputs:
     the token inputs ``[batch, seq]``, ``active_index [batch, active]`` (padding rows hold ``seq``,
     the scratch slot), ``key_mask [batch, seq]`` and the caches ``[batch, H, seq + 1, D]``;
-    outputs: ``logits [batch, active, V]`` and the updated caches (``<cache>_out``).
+    outputs: ``logits [batch, active, V]`` and the updated caches (``<cache>_out``). The cache rows are
+    written as whole rows (``passes.index_copy_cache_updates``: ScatterND, not ScatterElements).
     """
     gm = locked_graph(optimized)
     path = Path(path)
     if path.suffix != ".onnx":
         path = path / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_locked(gm)
+    program = export_locked(index_copy_cache_updates(copy_graph_module(gm)))
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names(gm),
                                      output_names=output_names(gm), optimize=optimize, verbose=False, **kwargs)

@@ -1,7 +1,6 @@
 """``surelock_fx.optimize``: capture, rewrite and compile a model for locked decoding."""
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -11,7 +10,7 @@ from torch._inductor import config as inductor_config
 from .capture import capture
 from .export import backend_graph, check_backend
 from .lock import LockConfig, kl_divergence, pack_index
-from .passes import (cache_specs, index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
+from .passes import (cache_specs, copy_graph_module, index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
                      update_caches_in_place)
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
@@ -40,13 +39,6 @@ class FrozenInductor:
     def __call__(self, *args, **kwargs):
         with inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
-
-
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with its own graph and meta (cache specs), sharing its weights."""
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    new.meta.update(gm.meta)
-    return new
 
 
 def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):

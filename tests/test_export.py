@@ -6,6 +6,7 @@ torch-tensorrt and a GPU: here only what can be checked without them is (the exp
 dims and ranges, the lowering inputs and settings, the error when they are missing); the GPU
 tests at the end skip with the reason.
 """
+import collections
 import sys
 import types
 
@@ -194,6 +195,9 @@ def test_onnx_file_has_named_dims_cache_io_and_external_data(ort_model):
         "key_mask": ["batch", "seq"], **{c: ["batch", 2, "seq + 1", 16] for c in caches}}
     assert dims(proto.graph.output) == {"logits": ["batch", "active", 101],
                                         **{f"{c}_out": ["batch", 2, "seq + 1", 16] for c in caches}}
+    ops = collections.Counter(node.op_type for node in proto.graph.node)
+    # whole cache rows written (passes.index_copy_cache_updates); a float attention mask, no NaN guard
+    assert ops["ScatterND"] == len(caches) and ops["ScatterElements"] == 0 and ops["IsNaN"] == 0
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and (path.parent / f"{path.name}.data").stat().st_size > path.stat().st_size
 

@@ -1,4 +1,5 @@
-"""index_copy_cache_updates: graph structure, idempotence, no-op cases, and numerics against the functional graph."""
+"""index_copy_cache_updates: graph structure, idempotence, no-op cases, and numerics against the scatter graph,
+for in-place (the in-process backends') and functional (export's) cache updates."""
 
 import re
 
@@ -8,8 +9,8 @@ import torch
 from surelock_fx.capture import capture
 from surelock_fx.optimize import compile_graph, copy_graph_module
 from surelock_fx.passes import cache_specs, index_copy_cache_updates, lock_rows, update_caches_in_place
-from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY
-from surelock_fx.passes.update_caches_in_place import SCATTER_IN_PLACE
+from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY, INDEX_COPY_FUNCTIONAL
+from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
 from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, locked_inputs, tiny_model
 
@@ -19,32 +20,36 @@ def locked():
     return lock_rows(capture(tiny_model(seed=6, n_layers=2, n_kv_heads=2)))
 
 
-def rewritten(locked):
-    return index_copy_cache_updates(update_caches_in_place(copy_graph_module(locked)))
+def rewritten(locked, in_place: bool = True):
+    gm = copy_graph_module(locked)
+    return index_copy_cache_updates(update_caches_in_place(gm) if in_place else gm)
 
 
-def test_every_cache_update_is_an_index_copy(locked):
-    gm = rewritten(locked)
+@pytest.mark.parametrize("in_place, scatter, index_copy", [(True, SCATTER_IN_PLACE, INDEX_COPY),
+                                                           (False, SCATTER, INDEX_COPY_FUNCTIONAL)],
+                         ids=["in-place", "functional"])
+def test_every_cache_update_is_an_index_copy(locked, in_place, scatter, index_copy):
+    gm = rewritten(locked, in_place)
     gm.graph.lint()
     caches = len(cache_specs(locked))
-    assert counts(gm)[SCATTER_IN_PLACE] == 0 and counts(gm)[INDEX_COPY] == caches
+    assert counts(gm)[scatter] == 0 and counts(gm)[index_copy] == caches
     assert counts(gm)[torch.ops.aten.arange.default] == 1  # the flat rows, shared by caches of the same heads
     names = {spec.name for spec in cache_specs(gm)}
     cache_inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in names]
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    assert list(output.args[0][1:]) == cache_inputs  # returns its cache inputs, updated
+    returned = next(n for n in gm.graph.nodes if n.op == "output").args[0][1:]
+    if in_place:
+        assert list(returned) == cache_inputs  # returns its cache inputs, updated
+    else:
+        assert all(out.args[0].target is index_copy for out in returned)  # new caches, viewed back
 
 
-def test_second_run_changes_nothing(locked):
-    gm = rewritten(locked)
-    assert_unchanged_by(index_copy_cache_updates, gm)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "functional"])
+def test_second_run_changes_nothing(locked, in_place):
+    assert_unchanged_by(index_copy_cache_updates, rewritten(locked, in_place))
 
 
-@pytest.mark.parametrize("make", [lambda locked: copy_graph_module(locked), lambda locked: capture(tiny_model(seed=7))],
-                         ids=["functional-locked-graph", "graph-not-locked"])
-def test_graphs_without_in_place_cache_updates_are_left_alone(locked, make):
-    gm = make(locked)
-    assert_unchanged_by(index_copy_cache_updates, gm)
+def test_graphs_not_locked_are_left_alone():
+    assert_unchanged_by(index_copy_cache_updates, capture(tiny_model(seed=7)))
 
 
 def test_scatter_with_another_index_is_left_alone(locked):
@@ -62,6 +67,20 @@ def test_scatter_with_another_index_is_left_alone(locked):
 @pytest.mark.parametrize("B, N, M", [(1, 7, 1), (3, 10, 10), (2, 12, 5)])
 def test_index_copy_graph_matches_functional_and_updates_its_inputs(locked, B, N, M):
     assert_in_place_graph_matches_functional(locked, rewritten(locked), B, N, M)
+
+
+@pytest.mark.parametrize("B, N, M", [(1, 7, 1), (3, 10, 10), (2, 12, 5)])
+def test_functional_index_copy_graph_matches_scatter_graph_and_keeps_its_inputs(locked, B, N, M):
+    gen = torch.Generator().manual_seed(B * N + M)
+    inputs = locked_inputs(locked, N, [M] * (B - 1) + [M // 2 + 1], gen)
+    kept = [t.clone() for t in inputs]
+    with torch.no_grad():
+        want, got = locked(*inputs), rewritten(locked, in_place=False)(*inputs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for cache, expected in zip(got[1:], want[1:], strict=True):  # slot N: scratch, written in any order
+        torch.testing.assert_close(cache[:, :, :N], expected[:, :, :N], rtol=0, atol=0)
+    for given, before in zip(inputs, kept):
+        assert torch.equal(given, before)  # functional: its inputs are left as they were
 
 
 def test_inductor_writes_the_cache_rows_in_place(locked):
