@@ -34,11 +34,11 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend (and for the exported
-graphs), the FLOPs ratio of what its locked graph computes: attention runs B x M queries, every batch row as many as the one with the most
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend (the timed ones, ONNX Runtime and
+TensorRT), the FLOPs ratio of what its locked graph computes: attention runs B x M queries, every batch row as many as the one with the most
 active rows; the projections, FFN and LM head run the active rows only on steps that run packed across the
-batch (passes.pack_rows: eager every step, inductor where ``runtime.runs_packed``, the exported graphs
-never; ``packed_steps``), else B x M rows.
+batch (passes.pack_rows: eager every step, inductor and ONNX Runtime where ``runtime.runs_packed``,
+TensorRT never; ``packed_steps``), else B x M rows.
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
 each sampled step at the eager graph's active rows and at the dense rows, interpolated alike): the bound the
 weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
@@ -59,15 +59,12 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.lock import active_index  # noqa: E402
-from surelock_fx.optimize import EXPORTED_FORMS, FORMS  # noqa: E402
+from surelock_fx.optimize import FORMS  # noqa: E402
 from surelock_fx.runtime import FULL_FROM, runs_packed  # noqa: E402
 from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special_ids, step_candidates  # noqa: E402
 
 NAME = "decode_e2e"
 NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
-# The locked graph forms whose computed FLOPs a run reports: the in-process backends', and the exported graphs'
-# (ONNX Runtime, TensorRT: never packed).
-COMPUTED = ("eager", "inductor", "exported")
 VARIANTS = ("dense/plain", "dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
 FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=12,
             exact=["1x64", "2x64", "4x64", "8x64"], exact_reps=3, variants=list(VARIANTS))
@@ -471,8 +468,7 @@ def run(args) -> dict:
         row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
                    flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
                    active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
-        packed = {b: [runs_packed(FORMS.get(b, EXPORTED_FORMS), B * w, c) for c, w in zip(counts, widths)]
-                  for b in COMPUTED}
+        packed = {b: [runs_packed(forms, B * w, c) for c, w in zip(counts, widths)] for b, forms in FORMS.items()}
         row["packed_steps"] = {b: sum(p) for b, p in packed.items()}
         row["padded_flops_ratio"] = {
             b: sum(flops.step(c if p else B * w, N, queries=B * w) for c, w, p in zip(counts, widths, packed[b]))

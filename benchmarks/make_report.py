@@ -251,7 +251,7 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
     if padded:
         out.append("Batch padding: attention runs every batch row's queries as many as the row with the most active "
                    "ones; the projections, FFN and LM head compute the active rows only on the steps that run packed "
-                   "across the batch (`passes/pack_rows.py`: eager every step, inductor where the padding reaches "
+                   "across the batch (`passes/pack_rows.py`: eager every step, inductor and ONNX Runtime where the padding reaches "
                    "`runtime.PACK_FROM` of the rows), else as many as attention. The locked graphs compute a FLOPs "
                    "ratio (eager / inductor, inductor's packed steps) of " + ", ".join(
                        f"{f3(r['padded_flops_ratio']['eager'])} / {f3(r['padded_flops_ratio']['inductor'])}, "
@@ -514,17 +514,17 @@ def small_pass_limitation(sl: dict, e2e: dict) -> str:
 def padding_limitation(e2e: dict) -> str:
     """The README's limitation of batch padding, from decode_e2e."""
     res = [r for r in e2e["results"] if r["batch"] > 1]
-    worst = max(res, key=lambda r: r["padded_flops_ratio"]["exported"] / r["flops_ratio"])
+    worst = max(res, key=lambda r: r["padded_flops_ratio"]["tensorrt"] / r["flops_ratio"])
     padded = worst["padded_flops_ratio"]
-    extra = [r["padded_flops_ratio"]["exported"] / r["flops_ratio"] - 1 for r in res]
+    extra = [r["padded_flops_ratio"]["tensorrt"] / r["flops_ratio"] - 1 for r in res]
     return bullet(
         "With B > 1, every batch row of a pass runs as many rows as the one with the most active rows, the "
-        "others padded to the scratch slot. The exported graphs (ONNX Runtime, TensorRT) compute the padding in "
+        "others padded to the scratch slot. The TensorRT engines compute the padding in "
         f"every op: in the end-to-end benchmark {span([100 * e for e in extra], '{:.0f}'.format)}% more FLOPs than "
         f"the active rows' (most at B = {worst['batch']}, G = {worst['gen_length']}: a FLOPs ratio of "
-        f"{f3(padded['exported'])} computed for {f3(worst['flops_ratio'])} active). The eager backend runs the "
+        f"{f3(padded['tensorrt'])} computed for {f3(worst['flops_ratio'])} active). The eager backend runs the "
         f"projections, FFN and LM head on the active rows only, packed across the batch, at every step "
-        f"({f3(padded['eager'])} there), the inductor backend on the steps where that pays "
+        f"({f3(padded['eager'])} there), the inductor and ONNX Runtime backends on the steps where that pays "
         f"({worst['packed_steps']['inductor']} of {worst['steps']}, {f3(padded['inductor'])}); attention still "
         f"runs the padded queries (run of commit {e2e['machine']['git_commit']}).")
 

@@ -32,12 +32,16 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from .passes import cache_specs, copy_graph_module, index_copy_cache_updates, is_locked
+from .lock import pack_index
+from .passes import cache_specs, copy_graph_module, index_copy_cache_updates, is_locked, is_packed, pack_rows
+from .passes.pack_rows import PACKED_ROWS, UNPACK_INDEX
 
 DIM_NAMES = ("batch", "seq", "active")
+ROWS = "rows"  # a packed graph's real rows (passes.pack_rows)
 EXAMPLE_SIZES = (2, 8, 3)  # preferred tracing sizes of batch, seq, active
 RANGE_OPTIONS = ("min_active", "opt_active", "max_active", "batch", "seq")
 ONNX_FILE = "model.onnx"
+PACKED_ONNX_FILE = "model.packed.onnx"
 TENSORRT_FILE = "model.ep"
 _ORT_TYPES = {
     "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
@@ -115,10 +119,13 @@ def _token_names(gm: fx.GraphModule) -> list[str]:
 
 
 def make_dims(batch: DimRange, seq: DimRange, active: DimRange) -> dict[str, Dim | None]:
-    """torch.export Dims named batch, seq, active (None for a range with min == max: static)."""
+    """torch.export Dims named batch, seq, active (None for a range with min == max: static), and
+    rows, the packed graph's real rows R (1 to B x M)."""
     dims = {}
     for name, r in zip(DIM_NAMES, (batch, seq, active)):
         dims[name] = None if r.static else Dim(name, min=r.min, **({} if r.max is None else {"max": r.max}))
+    most = None if batch.max is None or active.max is None else batch.max * active.max
+    dims[ROWS] = Dim(ROWS, min=1, **({} if most is None else {"max": most}))
     return dims
 
 
@@ -128,6 +135,9 @@ def dynamic_shapes(gm: fx.GraphModule, dims: dict[str, Dim | None]) -> dict[str,
     by_input = {name: {0: b, 1: n} for name in _token_names(gm)}
     by_input["active_index"] = {0: b, 1: m}
     by_input["key_mask"] = {0: b, 1: n}
+    if is_packed(gm):
+        by_input[PACKED_ROWS] = {0: dims[ROWS]}
+        by_input[UNPACK_INDEX] = {0: b, 1: m}
     for spec in cache_specs(gm):
         by_input[spec.name] = {0: b, 2: None if n is None else n + 1}
     return {name: {d: v for d, v in axes.items() if v is not None} for name, axes in by_input.items()}
@@ -138,6 +148,9 @@ def input_shapes(gm: fx.GraphModule, batch: int, seq: int, active: int) -> dict[
     shapes = {name: ((batch, seq), torch.long) for name in _token_names(gm)}
     shapes["active_index"] = ((batch, active), torch.long)
     shapes["key_mask"] = ((batch, seq), torch.bool)
+    if is_packed(gm):  # the real entries of example_inputs' active index
+        shapes[PACKED_ROWS] = ((active + (batch - 1) * (active - 1),), torch.long)
+        shapes[UNPACK_INDEX] = ((batch, active), torch.long)
     for s in cache_specs(gm):
         shapes[s.name] = ((batch, s.heads, seq + 1, s.head_dim), s.dtype)
     return shapes
@@ -146,13 +159,16 @@ def input_shapes(gm: fx.GraphModule, batch: int, seq: int, active: int) -> dict[
 def example_inputs(gm: fx.GraphModule, batch: int, seq: int, active: int, device=None) -> tuple[torch.Tensor, ...]:
     """Inputs of the given sizes, laid out as the runtime lays them out: token ids 0, positions
     0..N-1, the first ``active`` rows active in batch row 0 and one fewer in the others (their
-    last index is padding: N, the scratch slot), all keys valid, zero caches."""
+    last index is padding: N, the scratch slot), all keys valid, zero caches; a packed graph's
+    ``packed_rows`` and ``unpack_index`` of that index (``surelock_fx.lock.pack_index``)."""
     device = torch.device(device or _graph_device(gm))
+    index = torch.arange(active, device=device).expand(batch, active).clone()
+    index[1:, active - 1] = seq
+    special = dict(zip((PACKED_ROWS, UNPACK_INDEX), pack_index(index, seq)), active_index=index)
     out = []
     for name, (shape, dtype) in input_shapes(gm, batch, seq, active).items():
-        if name == "active_index":
-            t = torch.arange(active, device=device).expand(shape).clone()
-            t[1:, active - 1] = seq
+        if name in special:
+            t = special[name]
         elif name == "key_mask":
             t = torch.ones(shape, dtype=dtype, device=device)
         elif "position" in name:
@@ -193,22 +209,31 @@ def export_locked(optimized, *, batch=UNBOUNDED["batch"], seq=UNBOUNDED["seq"], 
 
 # --- ONNX and ONNX Runtime --------------------------------------------------------------------
 
-def export_onnx(optimized, path, *, opset_version: int | None = None, optimize: bool = True) -> Path:
+def export_onnx(optimized, path, *, packed: bool = False, opset_version: int | None = None,
+                optimize: bool = True) -> Path:
     """Write the locked graph as ONNX; return the .onnx file's path.
 
-    ``path`` is a ``.onnx`` file or a directory (then ``model.onnx`` in it). The weights go to
+    ``path`` is a ``.onnx`` file or a directory (then ``model.onnx`` in it, ``model.packed.onnx``
+    if ``packed``). The weights go to
     external data next to it (``<file>.data``), so models over 2 GB export too. Inputs:
     the token inputs ``[batch, seq]``, ``active_index [batch, active]`` (padding rows hold ``seq``,
     the scratch slot), ``key_mask [batch, seq]`` and the caches ``[batch, H, seq + 1, D]``;
     outputs: ``logits [batch, active, V]`` and the updated caches (``<cache>_out``). The cache rows are
     written as whole rows (``passes.index_copy_cache_updates``: ScatterND, not ScatterElements).
+
+    ``packed``: the graph's row-wise ops run on the real rows only (``passes.pack_rows``), for batches
+    whose rows have different active counts. Two inputs follow ``key_mask``: ``packed_rows [rows]``
+    and ``unpack_index [batch, active]`` (``surelock_fx.lock.pack_index`` of ``active_index``), and the
+    logits are ``[1, rows, V]``, the real entries' in row-major order.
     """
-    gm = locked_graph(optimized)
+    gm = copy_graph_module(locked_graph(optimized))
+    if packed:
+        gm = pack_rows(gm)
     path = Path(path)
     if path.suffix != ".onnx":
-        path = path / ONNX_FILE
+        path = path / (PACKED_ONNX_FILE if packed else ONNX_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    program = export_locked(index_copy_cache_updates(copy_graph_module(gm)))
+    program = export_locked(index_copy_cache_updates(gm))
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names(gm),
                                      output_names=output_names(gm), optimize=optimize, verbose=False, **kwargs)
@@ -218,10 +243,13 @@ def export_onnx(optimized, path, *, opset_version: int | None = None, optimize: 
 
 
 def _onnx_axis_names(inputs) -> dict:
-    """The exporter's symbol names (s0, s1, ...) -> batch, seq, active; ``s1 + 1`` follows."""
+    """The exporter's symbol names (s0, s1, ...) -> batch, seq, active, rows; ``s1 + 1`` follows."""
     by_name = {value.name: value.shape for value in inputs}
     mapping = {}
-    for name, dim, axis in (("key_mask", 0, "batch"), ("key_mask", 1, "seq"), ("active_index", 1, "active")):
+    for name, dim, axis in (("key_mask", 0, "batch"), ("key_mask", 1, "seq"), ("active_index", 1, "active"),
+                            (PACKED_ROWS, 0, ROWS)):
+        if name not in by_name:
+            continue
         symbol = by_name[name][dim]
         if not isinstance(symbol, int) and getattr(symbol, "value", None) is not None:
             mapping[symbol.value] = axis
@@ -262,8 +290,8 @@ class OrtLockedGraph(torch.nn.Module):
         device = index.device if (index.device.type == "cpu" or self.on_gpu) else torch.device("cpu")
         inputs = tuple(t.to(device).contiguous() for t in inputs)  # kept alive until run returns
         caches = inputs[len(inputs) - (len(self.outputs) - 1):]
-        B, M = index.shape
-        outputs = (torch.empty(B, M, self.vocab, dtype=self.logits_dtype, device=device),
+        rows = (1, len(inputs[self.inputs.index(PACKED_ROWS)])) if PACKED_ROWS in self.inputs else index.shape
+        outputs = (torch.empty(*rows, self.vocab, dtype=self.logits_dtype, device=device),
                    *(torch.empty_like(c) for c in caches))
         run_bound(self.session, dict(zip(self.inputs, inputs)), dict(zip(self.outputs, outputs)))
         return tuple(t.to(index.device) for t in outputs)  # no copy unless the session ran elsewhere
@@ -306,14 +334,17 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def onnxruntime_graph(optimized, export_dir=None, providers=None, session_options=None) -> OrtLockedGraph:
-    """Export to ``export_dir`` (a temporary directory when None, removed with the graph) and
-    open an ONNX Runtime session on it (``session_options``: an ``onnxruntime.SessionOptions``)."""
+def onnxruntime_graph(optimized, export_dir=None, providers=None, session_options=None,
+                      packed: bool = False) -> OrtLockedGraph:
+    """Export to ``export_dir`` (a temporary directory when None, removed with the graph; ``packed``:
+    see ``export_onnx``) and open an ONNX Runtime session on it (``session_options``: an
+    ``onnxruntime.SessionOptions``)."""
     tmp = None
     if export_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="surelock_onnx_")
         export_dir = tmp.name
-    graph = OrtLockedGraph(export_onnx(optimized, export_dir), providers=providers, session_options=session_options)
+    graph = OrtLockedGraph(export_onnx(optimized, export_dir, packed=packed), providers=providers,
+                           session_options=session_options)
     graph._tmpdir = tmp  # the session has loaded the file; the directory lives as long as the graph
     return graph
 
@@ -448,7 +479,7 @@ def load_tensorrt(path, model: torch.nn.Module, bucket: int = 1):
     optimized = optimize(model, backend="eager", bucket=bucket)
     program = trt.load(str(path))
     optimized.compiled = program.module() if hasattr(program, "module") else program
-    optimized.backend = "tensorrt"
+    optimized.backend, optimized.packed, optimized.compiled_packed = "tensorrt", False, None  # padded engines
     return optimized
 
 
@@ -467,12 +498,26 @@ def check_backend(backend: str, export_dir, options: dict) -> None:
         require_tensorrt()
 
 
-def backend_graph(optimized, backend: str, export_dir=None, **options):
-    """The callable ``optimize`` runs for an export backend ("onnxruntime" or "tensorrt")."""
+class BuiltOnFirstCall:
+    """A graph that ``build()`` makes when it is first called (a form a decode may never run)."""
+
+    def __init__(self, build):
+        self.build, self.graph = build, None
+
+    def __call__(self, *inputs):
+        if self.graph is None:
+            self.graph = self.build()
+        return self.graph(*inputs)
+
+
+def backend_graphs(optimized, backend: str, export_dir=None, **options):
+    """The callables ``optimize`` runs for an export backend: (padded graph, packed graph or None).
+    ONNX Runtime's packed graph (``export_onnx(packed=True)``) is exported and loaded on its first call."""
     if backend == "onnxruntime":
-        return onnxruntime_graph(optimized, export_dir, **options)
+        packed = BuiltOnFirstCall(lambda: onnxruntime_graph(optimized, export_dir, packed=True, **options))
+        return onnxruntime_graph(optimized, export_dir, **options), packed
     if backend == "tensorrt":
-        return tensorrt_graph(optimized, export_dir, **options)
+        return tensorrt_graph(optimized, export_dir, **options), None
     raise ValueError(f"not an export backend: {backend!r}")
 
 

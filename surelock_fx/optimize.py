@@ -8,7 +8,7 @@ from torch import fx
 from torch._inductor import config as inductor_config
 
 from .capture import capture
-from .export import backend_graph, check_backend
+from .export import backend_graphs, check_backend
 from .lock import LockConfig, kl_divergence, pack_index
 from .passes import (cache_specs, copy_graph_module, index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
                      update_caches_in_place)
@@ -17,14 +17,13 @@ from .sampler import DecodeStats
 
 BACKENDS = ("eager", "inductor", "onnxruntime", "tensorrt")
 EXPORT_BACKENDS = ("onnxruntime", "tensorrt")  # run an exported graph (surelock_fx.export)
-# The forms of the locked graph each in-process backend compiles: (padded: B x M rows, packed: the
-# real rows only, passes.pack_rows); with both, a step runs the packed one where padding pays
-# (runtime.runs_packed, PACK_FROM). Eager's packing costs 0.7% of a step where nothing is padded (one
-# step, e2e model, CPU, B = 8, 40 active rows each); inductor's generated gathers and index checks
-# around attention cost 2%, which is every step at B = 1 and many at B > 1 (padding is 0-10% of the
-# rows of a replayed decode, benchmarks/decode_e2e.py). The exported graphs are padded only.
-FORMS = {"eager": (False, True), "inductor": (True, True)}
-EXPORTED_FORMS = (True, False)
+# The forms of the locked graph each backend runs: (padded: B x M rows, packed: the real rows only,
+# passes.pack_rows); with both, a step runs the packed one where padding pays (runtime.runs_packed,
+# PACK_FROM). Where nothing is padded, packing costs eager 0.7% of a step (one step, e2e model, CPU,
+# B = 8, 40 active rows each), inductor's generated gathers and index checks around attention 2%, and
+# ONNX Runtime's gathers 1.4%, which would be every step at B = 1 and many at B > 1 (padding is 0-10%
+# of the rows of a replayed decode, benchmarks/decode_e2e.py). The TensorRT engines are padded only.
+FORMS = {"eager": (False, True), "inductor": (True, True), "onnxruntime": (True, True), "tensorrt": (True, False)}
 
 
 class FrozenInductor:
@@ -48,7 +47,7 @@ def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):
     index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear weights packed once
     (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, compiled on first
     call, frozen weights: later changes to the model's weights are not seen)."""
-    if backend not in FORMS:
+    if backend not in FORMS or backend in EXPORT_BACKENDS:
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
     if packed:
@@ -82,10 +81,13 @@ class OptimizedModel(torch.nn.Module):
         self.backend = backend
         self.bucket = bucket
         self.compile_seconds = compile_seconds
-        padded, packed = FORMS.get(backend, EXPORTED_FORMS)
+        padded, packed = FORMS[backend]
         self.packed = not padded
-        self.compiled = locked if backend in EXPORT_BACKENDS else compile_graph(locked, backend, packed=self.packed)
-        self.compiled_packed = compile_graph(locked, backend, packed=True) if padded and packed else None
+        if backend in EXPORT_BACKENDS:  # exported by optimize(), once the model is built
+            self.compiled, self.compiled_packed = locked, None
+        else:
+            self.compiled = compile_graph(locked, backend, packed=self.packed)
+            self.compiled_packed = compile_graph(locked, backend, packed=True) if padded and packed else None
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
@@ -128,6 +130,6 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, ex
     locked = lock_rows(dense)
     optimized = OptimizedModel(model, locked, dense, backend, bucket, time.perf_counter() - start)
     if backend in EXPORT_BACKENDS:
-        optimized.compiled = backend_graph(optimized, backend, export_dir, **backend_options)
+        optimized.compiled, optimized.compiled_packed = backend_graphs(optimized, backend, export_dir, **backend_options)
         optimized.compile_seconds = time.perf_counter() - start
     return optimized

@@ -314,5 +314,5 @@ def test_make_report_writes_the_readme_limitations(out):
     assert text.endswith("<!-- limitations:end -->\nrest\n")
     flat = " ".join(text.split())
     r = next(r for r in data["decode_e2e"]["results"] if r["batch"] == 2)
-    assert f"a FLOPs ratio of {r['padded_flops_ratio']['exported']:.3f} computed for {r['flops_ratio']:.3f}" in flat
+    assert f"a FLOPs ratio of {r['padded_flops_ratio']['tensorrt']:.3f} computed for {r['flops_ratio']:.3f}" in flat
     assert f"run of commit {data['decode_e2e']['machine']['git_commit']}" in flat

@@ -19,6 +19,7 @@ import surelock_fx
 from surelock_fx import export as ex
 from surelock_fx.cli import main
 from surelock_fx.models import save_model
+from surelock_fx.lock import pack_index
 from surelock_fx.passes import cache_specs
 
 from helpers import tiny_model
@@ -91,7 +92,8 @@ def test_exported_program_dims_and_ranges(optimized):
     ranges = ex.tensorrt_ranges(min_active=1, opt_active=16, max_active=64, batch=(1, 2, 4), seq=(8, 64, 128))
     dims = ex.make_dims(*(ranges[k] for k in ex.DIM_NAMES))
     assert {k: (d.__name__, d.min, d.max) for k, d in dims.items()} == {
-        "batch": ("batch", 1, 4), "seq": ("seq", 8, 128), "active": ("active", 1, 64)}
+        "batch": ("batch", 1, 4), "seq": ("seq", 8, 128), "active": ("active", 1, 64),
+        "rows": ("rows", 1, 256)}  # a packed graph's real rows: up to batch x active
     program = ex.export_locked(optimized, **ranges)
     shapes = _symbols(program)
     B, N = shapes["input_ids"]
@@ -118,7 +120,7 @@ def test_fixed_sizes_are_static_and_default_is_unbounded(optimized):
     assert set(shapes["k_cache_0"]) == {2}
     default = ex.make_dims(*(ex.UNBOUNDED[k] for k in ex.DIM_NAMES))
     assert [(d.__name__, d.min, d.max) for d in default.values()] == [
-        ("batch", 1, int_oo), ("seq", 2, int_oo), ("active", 1, int_oo)]
+        ("batch", 1, int_oo), ("seq", 2, int_oo), ("active", 1, int_oo), ("rows", 1, int_oo)]
 
 
 # --- TensorRT: everything checkable without a GPU -----------------------------------------------
@@ -202,6 +204,18 @@ def test_onnx_file_has_named_dims_cache_io_and_external_data(ort_model):
     assert external and (path.parent / f"{path.name}.data").stat().st_size > path.stat().st_size
 
 
+def test_packed_onnx_file_takes_the_packing_inputs_and_returns_the_real_rows(optimized, tmp_path):
+    path = ex.export_onnx(optimized, tmp_path, packed=True)
+    assert path.name == "model.packed.onnx" and (tmp_path / "model.packed.onnx.data").exists()
+    proto = onnx.load(str(path), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*proto.graph.input, *proto.graph.output]}
+    assert [v.name for v in proto.graph.input][:6] == ["input_ids", "position_ids", "active_index", "key_mask",
+                                                      "packed_rows", "unpack_index"]
+    assert dims["packed_rows"] == ["rows"] and dims["unpack_index"] == ["batch", "active"]
+    assert dims["logits"] == [1, "rows", 101]
+
+
 def _random_inputs(gm, B, N, M, seed):
     gen = torch.Generator().manual_seed(seed)
     args = list(ex.example_inputs(gm, B, N, M))
@@ -218,13 +232,19 @@ def _random_inputs(gm, B, N, M, seed):
     return args, counts
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("B,N,M", [(1, 7, 1), (1, 9, 9), (3, 12, 5), (2, 6, 6), (4, 10, 1)])
-def test_onnx_matches_eager_locked_graph(ort_model, B, N, M):
+def test_onnx_matches_eager_locked_graph(ort_model, B, N, M, packed):
     gm = ort_model.graph_module
     args, counts = _random_inputs(gm, B, N, M, seed=B * 100 + N * 10 + M)
     with torch.no_grad():
         want = gm(*args)
-    got = ort_model.compiled(*args)
+    if packed:
+        packed_rows, unpack_index = pack_index(args[2], N)
+        logits, *caches = ort_model.compiled_packed(*args[:4], packed_rows, unpack_index, *args[4:])
+        got = (logits[0][unpack_index], *caches)  # padding entries get some real row's: not compared
+    else:
+        got = ort_model.compiled(*args)
     assert len(got) == len(want)
     for row, count in enumerate(counts):
         torch.testing.assert_close(got[0][row, :count], want[0][row, :count], rtol=1e-4, atol=1e-4)
@@ -233,10 +253,13 @@ def test_onnx_matches_eager_locked_graph(ort_model, B, N, M):
 
 
 def test_onnxruntime_backend_decodes_like_eager(model, optimized, ort_model):
+    """Through both ONNX graphs: the padded one, and the packed one on steps with enough padding."""
     assert ort_model.backend == "onnxruntime" and isinstance(ort_model.compiled, ex.OrtLockedGraph)
-    prompt = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(7))
+    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
     want = surelock_fx.generate(optimized, prompt, lock=LOCK, **DECODE)
     got = surelock_fx.generate(ort_model, prompt, lock=LOCK, **DECODE)
+    assert 0 < got.stats.packed_passes < got.stats.forward_passes
+    assert isinstance(ort_model.compiled_packed.graph, ex.OrtLockedGraph)  # exported on its first call
     assert torch.equal(got.tokens, want.tokens)
     assert got.stats.active_counts == want.stats.active_counts
     assert min(got.stats.active_counts) < 2 * (prompt.shape[1] + DECODE["gen_length"])  # rows were locked
