@@ -213,9 +213,9 @@ def export_onnx(optimized, path, *, packed: bool = False, opset_version: int | N
                 optimize: bool = True) -> Path:
     """Write the locked graph as ONNX; return the .onnx file's path.
 
-    ``path`` is a ``.onnx`` file or a directory (then ``model.onnx`` in it, ``model.packed.onnx``
-    if ``packed``). The weights go to
-    external data next to it (``<file>.data``), so models over 2 GB export too. Inputs:
+    ``path`` is a ``.onnx`` file or a directory (then ``model.onnx`` in it, ``model.packed.onnx`` if
+    ``packed``). The weights go to external data next to it (``<file>.data``), so models over 2 GB
+    export too. Inputs:
     the token inputs ``[batch, seq]``, ``active_index [batch, active]`` (padding rows hold ``seq``,
     the scratch slot), ``key_mask [batch, seq]`` and the caches ``[batch, H, seq + 1, D]``;
     outputs: ``logits [batch, active, V]`` and the updated caches (``<cache>_out``). The cache rows are
@@ -543,6 +543,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=("onnx", "tensorrt"), help="what to write")
     parser.add_argument("--out", required=True, type=Path,
                         help="output: a .onnx/.ep file, or a directory (model.onnx / model.ep in it)")
+    parser.add_argument("--packed", action="store_true",
+                        help="onnx: the packed form, which computes the real rows only (inputs packed_rows and "
+                             "unpack_index; model.packed.onnx in a directory)")
     trt = parser.add_argument_group("TensorRT engine shapes (--format tensorrt)")
     trt.add_argument("--min-active", type=int, default=1, help="fewest active rows M (default: 1)")
     trt.add_argument("--opt-active", type=int, default=None, help="M the kernels are tuned for (default: opt seq / 2)")
@@ -562,6 +565,8 @@ def run_cli(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     shapes = dict(min_active=args.min_active, opt_active=args.opt_active, max_active=args.max_active,
                   batch=args.batch, seq=args.seq)
+    if args.packed and args.format != "onnx":
+        raise CLIError("--packed applies to --format onnx only; the TensorRT engines are padded")
     if args.format == "tensorrt":  # fail before loading the weights: what is missing, bad shapes
         try:
             require_tensorrt()
@@ -571,7 +576,7 @@ def run_cli(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=device)
     optimized = optimize(model)
     if args.format == "onnx":
-        path = export_onnx(optimized, args.out)
+        path = export_onnx(optimized, args.out, packed=args.packed)
     else:
         path = export_tensorrt(optimized, args.out, **shapes)
     print(path)

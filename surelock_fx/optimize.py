@@ -66,10 +66,10 @@ class OptimizedModel(torch.nn.Module):
     as export needs it. Calling the model runs the compiled form, which with the eager and inductor
     backends updates the caches it is given in place and returns them; with the eager backend
     (``packed``; passes.pack_rows) it computes only the real entries of ``active_index`` (< N), and
-    its logits are [1, R, V], the real entries' in row-major order. The inductor backend also holds
-    that packed form (``compiled_packed``), which its decodes run on steps with enough padding
-    (``runtime.PACK_FROM``); it is compiled on the first such step, with its own frozen copy of the
-    weights (none at B = 1, where with ``bucket`` 1 no step is padded).
+    its logits are [1, R, V], the real entries' in row-major order. The inductor and onnxruntime
+    backends also hold that packed form (``compiled_packed``), which their decodes run on steps with
+    enough padding (``runtime.PACK_FROM``); it is compiled (exported and loaded) on the first such
+    step, with its own copy of the weights (none at B = 1, where with ``bucket`` 1 no step is padded).
     """
 
     def __init__(self, model: torch.nn.Module, locked: fx.GraphModule, dense: fx.GraphModule,

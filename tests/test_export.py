@@ -19,10 +19,9 @@ import surelock_fx
 from surelock_fx import export as ex
 from surelock_fx.cli import main
 from surelock_fx.models import save_model
-from surelock_fx.lock import pack_index
 from surelock_fx.passes import cache_specs
 
-from helpers import tiny_model
+from helpers import run_locked, tiny_model
 
 LOCK = surelock_fx.LockConfig(kl_threshold=1e-2)
 DECODE = dict(gen_length=16, steps=16, block_length=16)
@@ -239,12 +238,8 @@ def test_onnx_matches_eager_locked_graph(ort_model, B, N, M, packed):
     args, counts = _random_inputs(gm, B, N, M, seed=B * 100 + N * 10 + M)
     with torch.no_grad():
         want = gm(*args)
-    if packed:
-        packed_rows, unpack_index = pack_index(args[2], N)
-        logits, *caches = ort_model.compiled_packed(*args[:4], packed_rows, unpack_index, *args[4:])
-        got = (logits[0][unpack_index], *caches)  # padding entries get some real row's: not compared
-    else:
-        got = ort_model.compiled(*args)
+    logits, caches = run_locked(ort_model.compiled_packed if packed else ort_model.compiled, args, packed)
+    got = (logits, *caches)  # packed: padding entries get some real row's logits, not compared
     assert len(got) == len(want)
     for row, count in enumerate(counts):
         torch.testing.assert_close(got[0][row, :count], want[0][row, :count], rtol=1e-4, atol=1e-4)
@@ -295,16 +290,24 @@ def stub_optimize(monkeypatch):
     return seen
 
 
-def test_cli_export_onnx(checkpoint, model, tmp_path, stub_optimize, monkeypatch, capsys):
+@pytest.mark.parametrize("packed", [False, True])
+def test_cli_export_onnx(checkpoint, model, tmp_path, stub_optimize, monkeypatch, capsys, packed):
     calls = []
-    monkeypatch.setattr(ex, "export_onnx", lambda optimized, out: calls.append((optimized, out)) or out / "model.onnx")
+    monkeypatch.setattr(ex, "export_onnx",
+                        lambda optimized, out, packed: calls.append((optimized, out, packed)) or out / "model.onnx")
     code = main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(tmp_path),
-                 "--device", "cpu", "--dtype", "float16"])
-    assert code == 0 and calls == [("optimized", tmp_path)]
+                 "--device", "cpu", "--dtype", "float16"] + ["--packed"] * packed)
+    assert code == 0 and calls == [("optimized", tmp_path, packed)]
     assert capsys.readouterr().out.strip() == str(tmp_path / "model.onnx")
     loaded = stub_optimize["model"]
     assert loaded.lm_head_weight.dtype == torch.float16
     assert torch.equal(loaded.lm_head_weight.float(), model.lm_head_weight.half().float())
+
+
+def test_cli_packed_is_for_onnx_only(checkpoint, tmp_path, capsys):
+    argv = ["export", "--model", str(checkpoint), "--format", "tensorrt", "--out", str(tmp_path), "--packed"]
+    assert main(argv) == 2
+    assert "--packed applies to --format onnx only" in capsys.readouterr().err
 
 
 def test_cli_export_tensorrt(checkpoint, tmp_path, stub_optimize, monkeypatch, capsys):
