@@ -479,7 +479,7 @@ def load_tensorrt(path, model: torch.nn.Module, bucket: int = 1):
     optimized = optimize(model, backend="eager", bucket=bucket)
     program = trt.load(str(path))
     optimized.compiled = program.module() if hasattr(program, "module") else program
-    optimized.backend, optimized.packed, optimized.compiled_packed = "tensorrt", False, None  # padded engines
+    optimized.backend = "tensorrt"  # runs them padded (optimize.FORMS); eager's model has no second form
     return optimized
 
 

@@ -82,15 +82,19 @@ class OptimizedModel(torch.nn.Module):
         self.bucket = bucket
         self.compile_seconds = compile_seconds
         padded, packed = FORMS[backend]
-        self.packed = not padded
         if backend in EXPORT_BACKENDS:  # exported by optimize(), once the model is built
             self.compiled, self.compiled_packed = locked, None
         else:
-            self.compiled = compile_graph(locked, backend, packed=self.packed)
+            self.compiled = compile_graph(locked, backend, packed=not padded)
             self.compiled_packed = compile_graph(locked, backend, packed=True) if padded and packed else None
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
         self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
+
+    @property
+    def packed(self) -> bool:
+        """Whether the backend runs the packed form only: ``compiled`` takes ``pack_index``'s inputs."""
+        return not FORMS[self.backend][0]
 
     def forward(self, input_ids, position_ids, active_index, key_mask, *caches):
         packing = pack_index(active_index, input_ids.shape[1]) if self.packed else ()

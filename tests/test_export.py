@@ -155,6 +155,23 @@ def test_tensorrt_settings():
     assert ex.tensorrt_settings(min_block_size=3, optimization_level=5)["min_block_size"] == 3
 
 
+def test_loaded_tensorrt_engines_run_padded(model, optimized, monkeypatch, tmp_path):
+    """load_tensorrt's model feeds its engines the padded graph's inputs (they take no packing inputs),
+    with a stand-in for torch_tensorrt.load: the eager backend's padded graph, which has the engines'
+    signature."""
+    from surelock_fx.optimize import compile_graph
+
+    engines = compile_graph(optimized.graph_module, "eager", packed=False)
+    program = types.SimpleNamespace(module=lambda: engines)
+    monkeypatch.setattr(ex, "require_tensorrt", lambda: types.SimpleNamespace(load=lambda path: program))
+    loaded = ex.load_tensorrt(tmp_path, model)
+    assert loaded.backend == "tensorrt" and not loaded.packed and loaded.compiled is engines
+    prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
+    got = surelock_fx.generate(loaded, prompt, lock=LOCK, **DECODE)
+    want = surelock_fx.generate(optimized, prompt, lock=LOCK, **DECODE)
+    assert got.stats.packed_passes == 0 and torch.equal(got.tokens, want.tokens)
+
+
 @pytest.mark.skipif(_tensorrt_missing() is None, reason="torch-tensorrt and CUDA are present")
 def test_tensorrt_missing_is_a_clear_error(model, optimized, tmp_path):
     with pytest.raises(ex.TensorRTUnavailableError) as err:
