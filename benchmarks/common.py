@@ -69,9 +69,10 @@ def load_average() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on."""
+def machine_info(malloc: str = "defaults") -> dict:
+    """What the numbers were measured on; ``malloc``: glibc's malloc settings (``setup``'s ``args.malloc``)."""
     return dict(
+        malloc=malloc,
         cpu_model=cpu_model(),
         cpu_cores=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
@@ -142,10 +143,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                          "stalls at every parallel region whenever another process holds a core)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bars")
+    ap.add_argument("--malloc-defaults", action="store_true",
+                    help="leave glibc's malloc at its defaults (by default the benchmark calls "
+                         "surelock_fx.keep_freed_memory, as the surelock command does, so that no variant is charged "
+                         "for page-faulting in fresh large tensors)")
     return ap
 
 
 def setup(args) -> None:
+    from surelock_fx import keep_freed_memory
+
+    kept = not args.malloc_defaults and keep_freed_memory()
+    args.malloc = "mmap/trim thresholds 2 GiB" if kept else "defaults"
     if args.threads:
         torch.set_num_threads(args.threads)
     # A benchmark sweeps many shapes; past dynamo's recompilation limit (8) a compiled function would

@@ -436,7 +436,7 @@ def exact_decode(variant: Variant, schedule: Schedule, prompt: torch.Tensor, G: 
 
 def run(args) -> dict:
     common.setup(args)
-    machine = common.machine_info()  # at the start: its load average is the start's
+    machine = common.machine_info(args.malloc)  # at the start: its load average is the start's
     bar = common.progress(total=2, desc=f"{NAME}: record schedule", disable=args.no_progress)
     schedule = record_schedule(args)
     bar.update(2)

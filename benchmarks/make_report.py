@@ -78,8 +78,9 @@ def machine_section(data: dict) -> str:
         m, s = d["machine"], d["settings"]
         rows.append([f"`{name}`", "quick" if d.get("quick") else "full", m["cpu_model"], m["cpu_cores"],
                      s.get("threads", m.get("torch_threads")), m["torch_version"], m.get("git_commit") or "–",
-                     m.get("date", "–"), f"{m.get('load_average_start')} → {m.get('load_average_end')}"])
-    return table(["benchmark", "mode", "CPU", "cores", "torch threads", "torch", "commit", "date (UTC)",
+                     m.get("malloc", "defaults"), m.get("date", "–"),
+                     f"{m.get('load_average_start')} → {m.get('load_average_end')}"])
+    return table(["benchmark", "mode", "CPU", "cores", "torch threads", "torch", "commit", "glibc malloc", "date (UTC)",
                   "load avg (1/5/15 min) start → end"], rows)
 
 

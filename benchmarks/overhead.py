@@ -228,7 +228,7 @@ def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[d
 
 def run(args) -> dict:
     common.setup(args)
-    machine = common.machine_info()  # at the start: its load average is the start's
+    machine = common.machine_info(args.malloc)  # at the start: its load average is the start's
     if args.cold_cache:  # must precede the first compilation of this process
         import tempfile
 

@@ -94,7 +94,7 @@ def build(model, backend: str):
 
 def run(args) -> dict:
     common.setup(args)
-    machine = common.machine_info()  # at the start: its load average is the start's
+    machine = common.machine_info(args.malloc)  # at the start: its load average is the start's
     model = common.random_model(args.preset, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     B = args.batch

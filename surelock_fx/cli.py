@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, export
+from .allocator import keep_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXIT_ERROR = 2
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default: sys.argv[1:]), run the subcommand, return its exit code."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # the command owns its process: large tensors are reused, not page-faulted in anew
     try:
         return args.run(args)
     except ValueError as err:  # CheckpointError, ConfigError, CLIError, generate's argument errors

@@ -4,6 +4,7 @@ No timing thresholds: the numbers of a tiny model on a busy machine mean nothing
 from __future__ import annotations
 
 import math
+import platform
 import sys
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def test_step_latency(out, tiny):
     assert saved["benchmark"] == "step_latency"
     for key in ("cpu_model", "cpu_cores", "torch_version", "torch_threads", "load_average_end"):
         assert key in saved["machine"]
+    assert saved["machine"]["malloc"] == ("mmap/trim thresholds 2 GiB" if platform.libc_ver()[0] == "glibc" else "defaults")
     assert saved["settings"]["fractions"] == [0.25, 1.0] and saved["model"]["d_model"] == tiny.config.d_model
     assert [(r["backend"], r["active_rows"]) for r in result["results"]] == [
         ("eager", 4), ("eager", 16), ("onnxruntime", 4), ("onnxruntime", 16)]
