@@ -149,21 +149,28 @@ def input_shapes(gm: fx.GraphModule, batch: int, seq: int, active: int) -> dict[
     shapes["active_index"] = ((batch, active), torch.long)
     shapes["key_mask"] = ((batch, seq), torch.bool)
     if is_packed(gm):  # the real entries of example_inputs' active index
-        shapes[PACKED_ROWS] = ((active + (batch - 1) * (active - 1),), torch.long)
-        shapes[UNPACK_INDEX] = ((batch, active), torch.long)
+        packed_rows, unpack_index = pack_index(example_index(batch, seq, active), seq)
+        shapes[PACKED_ROWS] = (tuple(packed_rows.shape), torch.long)
+        shapes[UNPACK_INDEX] = (tuple(unpack_index.shape), torch.long)
     for s in cache_specs(gm):
         shapes[s.name] = ((batch, s.heads, seq + 1, s.head_dim), s.dtype)
     return shapes
 
 
-def example_inputs(gm: fx.GraphModule, batch: int, seq: int, active: int, device=None) -> tuple[torch.Tensor, ...]:
-    """Inputs of the given sizes, laid out as the runtime lays them out: token ids 0, positions
-    0..N-1, the first ``active`` rows active in batch row 0 and one fewer in the others (their
-    last index is padding: N, the scratch slot), all keys valid, zero caches; a packed graph's
-    ``packed_rows`` and ``unpack_index`` of that index (``surelock_fx.lock.pack_index``)."""
-    device = torch.device(device or _graph_device(gm))
+def example_index(batch: int, seq: int, active: int, device=None) -> torch.Tensor:
+    """An active index [batch, active]: the first ``active`` rows in batch row 0 and one fewer in the
+    others (their last entry is padding: ``seq``, the scratch slot)."""
     index = torch.arange(active, device=device).expand(batch, active).clone()
     index[1:, active - 1] = seq
+    return index
+
+
+def example_inputs(gm: fx.GraphModule, batch: int, seq: int, active: int, device=None) -> tuple[torch.Tensor, ...]:
+    """Inputs of the given sizes, laid out as the runtime lays them out: token ids 0, positions
+    0..N-1, ``example_index``'s active index, all keys valid, zero caches; a packed graph's
+    ``packed_rows`` and ``unpack_index`` of that index (``surelock_fx.lock.pack_index``)."""
+    device = torch.device(device or _graph_device(gm))
+    index = example_index(batch, seq, active, device)
     special = dict(zip((PACKED_ROWS, UNPACK_INDEX), pack_index(index, seq)), active_index=index)
     out = []
     for name, (shape, dtype) in input_shapes(gm, batch, seq, active).items():
