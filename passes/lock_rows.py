@@ -40,9 +40,9 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def input_node(graph: fx.Graph, name: str) -> fx.Node:
-    """The placeholder called ``name`` (an input such as ``active_index`` or ``key_mask``)."""
-    return next(n for n in graph.nodes if n.op == "placeholder" and n.name == name)
+def input_node(graph: fx.Graph, name: str) -> fx.Node | None:
+    """The placeholder called ``name`` (an input such as ``active_index`` or ``key_mask``), or None."""
+    return next((n for n in graph.nodes if n.op == "placeholder" and n.name == name), None)
 
 
 class _Builder:

@@ -13,7 +13,8 @@ PACKED_ROWS, UNPACK_INDEX = "packed_rows", "unpack_index"
 
 
 def is_packed(gm: fx.GraphModule) -> bool:
-    return any(n.op == "placeholder" and n.name == PACKED_ROWS for n in gm.graph.nodes)
+    """Whether ``gm`` is pack_rows' output (it takes ``packed_rows``)."""
+    return input_node(gm.graph, PACKED_ROWS) is not None
 
 
 def _token_gathers(graph: fx.Graph, active_index: fx.Node) -> list[fx.Node]:
