@@ -479,14 +479,14 @@ def load_tensorrt(path, model: torch.nn.Module, bucket: int = 1):
     """An OptimizedModel of ``model`` whose locked graph runs the TensorRT engines saved at ``path``
     (by ``export_tensorrt``); the model supplies the config, the cache layout and the FLOP model."""
     trt = require_tensorrt()
-    from .optimize import optimize
+    from .optimize import check_arguments, rewrite
 
+    check_arguments("tensorrt", bucket)
     path = Path(path)
     path = path if path.suffix == ".ep" else path / TENSORRT_FILE
-    optimized = optimize(model, backend="eager", bucket=bucket)
+    optimized = rewrite(model, "tensorrt", bucket)
     program = trt.load(str(path))
     optimized.compiled = program.module() if hasattr(program, "module") else program
-    optimized.backend = "tensorrt"  # runs them padded (optimize.FORMS); eager's model has no second form
     return optimized
 
 

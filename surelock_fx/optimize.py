@@ -124,16 +124,28 @@ def optimize(model: torch.nn.Module, backend: str = "eager", bucket: int = 1, ex
     The model must take ``input_ids`` and ``position_ids`` and return logits (or an output with
     ``.logits``); its config must name a ``mask_token_id``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if not isinstance(bucket, int) or bucket < 1:
-        raise ValueError(f"bucket must be a positive integer, got {bucket!r}")
+    check_arguments(backend, bucket)
     check_backend(backend, export_dir, backend_options)  # before the slow capture
     start = time.perf_counter()
-    dense = capture(model)
-    locked = lock_rows(dense)
-    optimized = OptimizedModel(model, locked, dense, backend, bucket, time.perf_counter() - start)
+    optimized = rewrite(model, backend, bucket)
     if backend in EXPORT_BACKENDS:
         optimized.compiled, optimized.compiled_packed = backend_graphs(optimized, backend, export_dir, **backend_options)
         optimized.compile_seconds = time.perf_counter() - start
     return optimized
+
+
+def check_arguments(backend: str, bucket: int) -> None:
+    """Reject an unknown backend, or a bucket that is not a positive integer."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if not isinstance(bucket, int) or bucket < 1:
+        raise ValueError(f"bucket must be a positive integer, got {bucket!r}")
+
+
+def rewrite(model: torch.nn.Module, backend: str, bucket: int) -> OptimizedModel:
+    """``model`` captured and rewritten for ``backend`` (arguments checked by ``check_arguments``), compiled
+    for an in-process one; for an export backend ``compiled`` is the functional locked graph, for the
+    caller to replace with the exported graphs (``optimize``, ``export.load_tensorrt``)."""
+    start = time.perf_counter()
+    dense = capture(model)
+    return OptimizedModel(model, lock_rows(dense), dense, backend, bucket, time.perf_counter() - start)
