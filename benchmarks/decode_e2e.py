@@ -368,8 +368,10 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
                 decode_step(model_forward(v.model), x, mask_id, eos, eot)
                 continue
             V = v.model.config.vocab_size
-            for rows in (1, 2):  # separate tensors: dynamo also specialises a storage offset of 0
-                v.model.kl(torch.zeros(rows, V), torch.zeros(rows, V), torch.zeros(rows))
+            # (rows of the new logits, of the previous ones, candidates): dynamo specialises sizes of 1
+            for rows, prev_rows, count in ((3, 4, 2), (3, 4, 1), (1, 4, 1), (3, 1, 1), (1, 1, 1)):
+                v.model.kl(torch.zeros(rows, V), torch.arange(count), torch.zeros(prev_rows, V), torch.arange(count),
+                           torch.zeros(count))
             for pack_from in (float("inf"), 0.0):  # no pass packed, then every pass
                 runner = v.model.decode_runner(lock, DecodeStats())
                 runner.pack_from = pack_from

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .sampler import RowLogits, row_chunks, rows_per_chunk
+from .sampler import RowLogits, rows_per_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,12 +185,11 @@ class LockState:
     def _sure(self, logits: torch.Tensor, rows: torch.Tensor, prev: torch.Tensor, b, j, shape):
         """(lock decision, KL, log-sum-exp of the new logits) for candidate rows ``rows`` of ``logits``
         [R, V] (index entries (b, j) of an index of ``shape``) against rows ``prev`` of the latest
-        pass's logits, read a few at a time."""
-        # Both logits have rows of the same width and dtype: they split into the same chunks.
-        lse_chunks = self._lse[prev].split(rows_per_chunk(self.logits))
-        kl, lse = map(torch.cat, zip(*(self.kl(new, old, _known_lse(old, old_lse)) for new, old, old_lse
-                                       in zip(row_chunks(logits, rows), row_chunks(self.logits, prev), lse_chunks,
-                                              strict=True))))
+        pass's logits, a few rows at a time."""
+        chunk = rows_per_chunk(logits)
+        parts = [self.kl(logits, new, self.logits, old, _known_lse(self.logits, old, old_lse)) for new, old, old_lse
+                 in zip(rows.split(chunk), prev.split(chunk), self._lse[prev].split(chunk), strict=True)]
+        kl, lse = map(torch.cat, zip(*parts))
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
             uncertainty = 1 - (logits.amax(-1)[rows].float() - lse).exp()
@@ -198,10 +197,12 @@ class LockState:
         return sure, kl, lse
 
 
-def _known_lse(rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """``lse`` [C] of ``rows`` [C, V], with unknown (NaN) entries computed."""
+def _known_lse(logits: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``lse`` [C] of ``rows`` [C] of ``logits`` [R, V], with its unknown (NaN) entries computed."""
     missing = lse.isnan()
-    return torch.where(missing, log_sum_exp(rows), lse) if missing.any() else lse
+    if not missing.any():
+        return lse
+    return lse.index_put((missing,), log_sum_exp(logits.index_select(0, rows[missing])))
 
 
 def _softmax_and_lse(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,14 +218,17 @@ def log_sum_exp(logits: torch.Tensor) -> torch.Tensor:
     return _softmax_and_lse(logits.float())[1]
 
 
-def kl_divergence(logits: torch.Tensor, prev_logits: torch.Tensor, prev_lse: torch.Tensor):
-    """(KL(p || p_prev), log-sum-exp of ``logits``) per row of [C, V] logits at temperature 1, in
-    float32, given the previous rows' log-sum-exp ``prev_lse`` [C] (``log_sum_exp``).
+def kl_divergence(logits: torch.Tensor, rows: torch.Tensor, prev_logits: torch.Tensor, prev_rows: torch.Tensor,
+                  prev_lse: torch.Tensor):
+    """(KL(p || p_prev), log-sum-exp of the new row) for rows ``rows`` [C] of ``logits`` [R, V] against rows
+    ``prev_rows`` [C] of ``prev_logits``, at temperature 1, in float32, given the previous rows'
+    log-sum-exp ``prev_lse`` [C] (``log_sum_exp``).
 
     KL = sum p * ((l - l_prev) - (lse - lse_prev)): one softmax over the vocabulary per row (see
     ``_softmax_and_lse``), its log-sum-exp reused by the row's next KL; differences taken in place.
+    The rows are gathered here, so that a compiled KL reads them where they are, without copies.
     """
-    new, prev = logits.float(), prev_logits.float()
+    new, prev = logits[rows].float(), prev_logits[prev_rows].float()
     p, lse = _softmax_and_lse(new)
     kl = (new - prev).sub_((lse - prev_lse).unsqueeze(-1)).mul_(p).sum(-1)
     return kl, lse

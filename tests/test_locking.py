@@ -269,22 +269,27 @@ def test_a_graph_returning_its_previous_logits_tensor_is_a_clear_error():
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 def test_kl_divergence_matches_float64_reference(compiled):
+    """Rows gathered from larger logits tensors, in any order, against a float64 KL of those rows."""
     kl = torch.compile(kl_divergence, dynamic=True) if compiled else kl_divergence
     gen = torch.Generator().manual_seed(5)
     for C, V, near in ((1, 7, False), (13, 301, False), (40, 1000, False), (40, 1000, True)):
-        old = 4 * torch.randn(C, V, generator=gen)
+        rows, prev_rows = torch.randperm(C + 3, generator=gen)[:C], torch.randperm(C + 5, generator=gen)[:C]
+        prev_logits = 4 * torch.randn(C + 5, V, generator=gen)
+        old = prev_logits[prev_rows]
         # near: a converged row, shifted by a constant (the KL is small, its float32 terms large)
         new = old + 0.01 * torch.randn(C, V, generator=gen) + 20 if near else 4 * torch.randn(C, V, generator=gen)
+        logits = torch.randn(C + 3, V, generator=gen).index_copy(0, rows, new)
         p, q = new.double().softmax(-1), old.double().softmax(-1)
         expected = (p * (p.log() - q.log())).sum(-1)
         old_lse = log_sum_exp(old)
         torch.testing.assert_close(old_lse.double(), old.double().logsumexp(-1), rtol=1e-6, atol=1e-6)
-        divergence, lse = kl(new, old, old_lse)
+        divergence, lse = kl(logits, rows, prev_logits, prev_rows, old_lse)
         torch.testing.assert_close(divergence.double(), expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(lse.double(), new.double().logsumexp(-1), rtol=1e-6, atol=1e-6)
         # bfloat16 logits are upcast: the KL is computed in float32
-        torch.testing.assert_close(kl(new.bfloat16(), old.bfloat16(), old_lse)[0],
-                                   kl_divergence(new.bfloat16().float(), old.bfloat16().float(), old_lse)[0],
+        torch.testing.assert_close(kl(logits.bfloat16(), rows, prev_logits.bfloat16(), prev_rows, old_lse)[0],
+                                   kl_divergence(logits.bfloat16().float(), rows, prev_logits.bfloat16().float(),
+                                                 prev_rows, old_lse)[0],
                                    rtol=1e-5, atol=1e-6)
 
 
