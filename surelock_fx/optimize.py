@@ -11,7 +11,7 @@ from .capture import capture
 from .export import backend_graphs, check_backend
 from .lock import LockConfig, kl_divergence, pack_index
 from .passes import (cache_specs, copy_graph_module, index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
-                     update_caches_in_place)
+                     realize_reused_trig, update_caches_in_place)
 from .runtime import FlopModel, LockedRunner
 from .sampler import DecodeStats
 
@@ -45,8 +45,9 @@ def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):
     (``gm`` stays functional, for export): K/V caches updated in place (passes.update_caches_in_place),
     if ``packed`` the active rows packed across the batch (passes.pack_rows), the cache rows written by
     index_copy_ (passes.index_copy_cache_updates); then for "eager" the CPU linear weights packed once
-    (passes.prepack_linear_weights), for "inductor" torch.compile (dynamic shapes, compiled on first
-    call, frozen weights: later changes to the model's weights are not seen)."""
+    (passes.prepack_linear_weights), for "inductor" its rotary tables computed once a pass
+    (passes.realize_reused_trig) and torch.compile (dynamic shapes, compiled on first call, frozen
+    weights: later changes to the model's weights are not seen)."""
     if backend not in FORMS or backend in EXPORT_BACKENDS:
         raise ValueError(f"not an in-process backend: {backend!r}")
     runnable = update_caches_in_place(copy_graph_module(gm))
@@ -54,7 +55,7 @@ def compile_graph(gm: fx.GraphModule, backend: str, packed: bool = False):
         runnable = pack_rows(runnable)
     runnable = index_copy_cache_updates(runnable)
     if backend == "inductor":
-        return FrozenInductor(runnable)
+        return FrozenInductor(realize_reused_trig(runnable))
     return prepack_linear_weights(runnable)
 
 

@@ -1,0 +1,79 @@
+"""realize_reused_trig: graph structure, idempotence, no-op cases, numerics against the graph it rewrites,
+and inductor computing the rotary tables once."""
+
+import re
+
+import pytest
+import torch
+
+from surelock_fx.capture import capture
+from surelock_fx.optimize import FrozenInductor, copy_graph_module
+from surelock_fx.passes import lock_rows, realize_reused_trig
+from surelock_fx.passes.realize_reused_trig import REALIZE, TRIG
+
+from helpers import assert_unchanged_by, counts, locked_inputs, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=12, n_layers=2, n_kv_heads=2)
+
+
+def trig_users(gm) -> list[int]:
+    return [len(n.users) for n in gm.graph.nodes if n.target in TRIG]
+
+
+def test_each_reused_cos_and_sin_is_read_through_one_realize(model):
+    gm = lock_rows(capture(model))
+    assert trig_users(gm) == [2 * model.config.n_layers] * 2  # one cos, one sin: queries and keys of every layer
+    realized = realize_reused_trig(copy_graph_module(gm))
+    realized.graph.lint()
+    assert trig_users(realized) == [1, 1]
+    assert counts(realized)[REALIZE] == 2 and counts(gm)[REALIZE] == 0
+    for node in realized.graph.nodes:
+        if node.target is REALIZE:
+            assert node.args[0].target in TRIG and len(node.users) == 2 * model.config.n_layers
+            assert node.meta["val"].shape == node.args[0].meta["val"].shape
+
+
+def test_second_run_changes_nothing(model):
+    assert_unchanged_by(realize_reused_trig, realize_reused_trig(capture(model)))
+
+
+def test_cos_read_once_and_graph_without_trig_are_left_alone():
+    class OneReader(torch.nn.Module):
+        def forward(self, x):
+            return x.cos() * 2, (x * 3).relu()
+
+    gm = torch.export.export(OneReader(), (torch.randn(3, 4),)).module()
+    before = counts(gm)
+    assert counts(realize_reused_trig(gm)) == before and before[REALIZE] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_realized_graph_equals_the_graph_it_rewrites(dtype):
+    model = tiny_model(seed=13, n_layers=2).to(dtype)
+    gm = lock_rows(capture(model))
+    realized = realize_reused_trig(copy_graph_module(gm))
+    inputs = locked_inputs(gm, 10, [4, 10], torch.Generator().manual_seed(13), dtype)
+    with torch.no_grad():
+        for expected, got in zip(gm(*inputs), realized(*inputs), strict=True):
+            assert torch.equal(got, expected)  # the op is a copy: same ops, same values
+
+
+def kernels_computing(code: str, op: str) -> int:
+    """How many generated C++ kernels of inductor's ``code`` call ``op``."""
+    return sum(bool(re.search(rf"\b{op}\(|\.{op}\(", kernel)) for kernel in code.split("async_compile.cpp_pybinding")[1:])
+
+
+def test_inductor_computes_the_rotary_tables_in_one_kernel(model):
+    """Without the pass inductor recomputes cos and sin in every layer's query and key kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    gm = lock_rows(capture(model))
+    inputs = locked_inputs(gm, 9, [4, 9], torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        _, plain = run_and_get_code(FrozenInductor(copy_graph_module(gm)), *inputs)
+        _, realized = run_and_get_code(FrozenInductor(realize_reused_trig(copy_graph_module(gm))), *inputs)
+    assert kernels_computing("".join(plain), "cos") >= model.config.n_layers
+    assert kernels_computing("".join(realized), "cos") == 1 and kernels_computing("".join(realized), "sin") == 1
