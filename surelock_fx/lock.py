@@ -228,7 +228,7 @@ def kl_divergence(logits: torch.Tensor, rows: torch.Tensor, prev_logits: torch.T
     ``_softmax_and_lse``), its log-sum-exp reused by the row's next KL; differences taken in place.
     The rows are gathered here, so that a compiled KL reads them where they are, without copies.
     """
-    new, prev = logits[rows].float(), prev_logits[prev_rows].float()
+    new, prev = logits.index_select(0, rows).float(), prev_logits.index_select(0, prev_rows).float()
     p, lse = _softmax_and_lse(new)
     kl = (new - prev).sub_((lse - prev_lse).unsqueeze(-1)).mul_(p).sum(-1)
     return kl, lse
