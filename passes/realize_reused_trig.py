@@ -22,23 +22,40 @@ def _(x: torch.Tensor) -> torch.Tensor:
 REALIZE = torch.ops.surelock_fx.realize.default
 
 
+def _rescaled(node: fx.Node) -> bool:
+    """Whether ``node`` is an elementwise op of one tensor input (a scaling, a dtype conversion)."""
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and (torch.Tag.pointwise in node.target.tags or node.target is aten._to_copy.default)
+            and len(node.all_input_nodes) == 1)
+
+
+def _table(trig: fx.Node) -> fx.Node | None:
+    """The value computed from ``trig`` that several ops read: ``trig`` itself or the end of its chain of
+    sole, rescaling users (transformers' rotary tables are cos * attention_scaling); None if one op reads it."""
+    node = trig
+    while len(node.users) == 1 and _rescaled(next(iter(node.users))):
+        node = next(iter(node.users))
+    return node if len(node.users) > 1 else None
+
+
 def realize_reused_trig(gm: fx.GraphModule) -> fx.GraphModule:
-    """Route every cos and sin node with several users through ``REALIZE``.
+    """Route every cos and sin that several ops read (directly, or rescaled first) through ``REALIZE``.
 
     Inductor inlines a pointwise node into each of its readers unless it deems it heavy, and cos,
     sin and pow are not on its CPU list: a model's rotary tables [B, 1, N, D] are then recomputed
     in every layer's query and key kernels, once per head (and in a locked graph, in its query and
     its cache-writing kernels apart). Behind ``REALIZE`` they are computed once per pass, and the
     readers load them. Precondition: none; for graphs compiled by inductor (the op copies its input,
-    nothing else gains from it). A cos or sin with one user, or already realized, is left alone.
+    nothing else gains from it). A cos or sin read by one op, or already realized, is left alone.
     """
     graph = gm.graph
-    for node in [n for n in graph.nodes if n.target in TRIG and len(n.users) > 1]:
-        with graph.inserting_before(node.next):
-            realized = graph.call_function(REALIZE, (node,))
-        if "val" in node.meta:
-            realized.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(realized, delete_user_cb=lambda user: user is not realized)
+    tables = [t for t in (_table(n) for n in graph.nodes if n.target in TRIG) if t is not None]
+    for table in tables:
+        with graph.inserting_before(table.next):
+            realized = graph.call_function(REALIZE, (table,))
+        if "val" in table.meta:
+            realized.meta["val"] = table.meta["val"]
+        table.replace_all_uses_with(realized, delete_user_cb=lambda user: user is not realized)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

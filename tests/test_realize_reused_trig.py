@@ -11,7 +11,7 @@ from surelock_fx.optimize import FrozenInductor, copy_graph_module
 from surelock_fx.passes import lock_rows, realize_reused_trig
 from surelock_fx.passes.realize_reused_trig import REALIZE, TRIG
 
-from helpers import assert_unchanged_by, counts, locked_inputs, tiny_model
+from helpers import assert_unchanged_by, counts, hf_llama_from_llada, locked_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,21 @@ def test_each_reused_cos_and_sin_is_read_through_one_realize(model):
         if node.target is REALIZE:
             assert node.args[0].target in TRIG and len(node.users) == 2 * model.config.n_layers
             assert node.meta["val"].shape == node.args[0].meta["val"].shape
+
+
+def test_rescaled_tables_of_transformers_llama_are_realized_after_the_scaling(model):
+    """transformers' rotary embedding returns cos * attention_scaling: the product is what layers read."""
+    gm = lock_rows(capture(hf_llama_from_llada(model)))
+    realized = realize_reused_trig(copy_graph_module(gm))
+    realized.graph.lint()
+    tables = [n.args[0] for n in realized.graph.nodes if n.target is REALIZE]
+    assert len(tables) == 2 and all(t.target is torch.ops.aten.mul.Tensor for t in tables)
+    assert {t.args[0].target for t in tables} == set(TRIG) and all(len(t.users) == 1 for t in tables)
+    inputs = locked_inputs(gm, 10, [4, 10], torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        for expected, got in zip(gm(*inputs), realized(*inputs), strict=True):
+            assert torch.equal(got, expected)
+    assert_unchanged_by(realize_reused_trig, realized)
 
 
 def test_second_run_changes_nothing(model):
