@@ -232,7 +232,8 @@ def compiled_dense(model, backend: str):
     "eager": the captured graph with its linear weights packed (``compile_graph``); "inductor":
     torch.compile of it (dynamic shapes, frozen weights); "onnxruntime": the plain model exported to
     ONNX in an ONNX Runtime session; "plain": the model itself in PyTorch eager, what a user runs
-    without surelock_fx. Each is called as ``dense(input_ids) -> logits``.
+    without surelock_fx. Each is called as ``dense(input_ids) -> logits`` and has the model's ``config``
+    (``surelock_fx.generate`` decodes with it; without an attention mask).
     """
     if backend == "plain":
         return model
@@ -275,10 +276,15 @@ class DenseGraph:
         self.graph = compile_graph(capture(model), backend)
 
     def __call__(self, input_ids, attention_mask=None):
-        if attention_mask is not None:
-            raise ValueError("the dense graph baseline decodes without an attention mask")
+        check_no_mask(attention_mask)
         B, N = input_ids.shape
         return self.graph(input_ids=input_ids, position_ids=torch.arange(N).expand(B, N))
+
+
+def check_no_mask(attention_mask) -> None:
+    """The dense baselines take token ids and positions only."""
+    if attention_mask is not None:
+        raise ValueError("the dense baselines decode without an attention mask")
 
 
 def ort_session_options():
@@ -311,12 +317,13 @@ class OrtDense:
         onnx_program.save(str(path), external_data=True)
         self.session = ort.InferenceSession(str(path), sess_options=ort_session_options(),
                                             providers=["CPUExecutionProvider"])
-        self.vocab = model.config.vocab_size
+        self.config = model.config
 
-    def __call__(self, input_ids):
+    def __call__(self, input_ids, attention_mask=None):
+        check_no_mask(attention_mask)
         B, N = input_ids.shape
         positions = torch.arange(N).expand(B, N).contiguous()
-        logits = torch.empty(B, N, self.vocab)
+        logits = torch.empty(B, N, self.config.vocab_size)
         self._run(self.session, {"input_ids": input_ids.contiguous(), "position_ids": positions}, {"logits": logits})
         return logits
 

@@ -15,11 +15,12 @@
    work (active index, graph, KL on the candidate rows); the replay only decides
    which rows are locked, so the active-fraction curve is the recorded one whatever the random
    model predicts. Sampler: LLaDA's, one block, steps = G, temperature 0, low_confidence.
-3. **Time five variants** on identical schedules: locked eager and locked inductor
-   (``surelock_fx.optimize(model, backend, bucket)``), the dense baseline of each of these backends
-   (the same pipeline without the locking rewrite, ``common.compiled_dense``: eager with packed
-   linear weights, inductor with frozen weights), and the plain model in PyTorch eager (what a user
-   runs without surelock_fx).
+3. **Time seven variants** on identical schedules: locked eager, inductor and ONNX Runtime
+   (``surelock_fx.optimize(model, backend, bucket)``; ONNX Runtime in CPU sessions with as many
+   threads as torch), the dense baseline of each of these backends (the same pipeline without the
+   locking rewrite, ``common.compiled_dense``: eager with packed linear weights, inductor with frozen
+   weights, the plain model exported to ONNX), and the plain model in PyTorch eager (what a user runs
+   without surelock_fx).
    * ``exact`` configurations run whole decodes through ``surelock_fx.generate``, ``--exact-reps``
      per variant, interleaved across variants; the fastest counts (load only ever adds time);
    * ``sampled`` configurations (whole decodes would take hours on a CPU: a decode costs
@@ -65,7 +66,8 @@ from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special
 
 NAME = "decode_e2e"
 NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
-VARIANTS = ("dense/plain", "dense/eager", "dense/inductor", "locked/eager", "locked/inductor")
+BACKENDS = ("eager", "inductor", "onnxruntime")
+VARIANTS = ("dense/plain", *(f"{kind}/{b}" for kind in ("dense", "locked") for b in BACKENDS))
 FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=12,
             exact=["1x64", "2x64", "4x64", "8x64"], exact_reps=3, variants=list(VARIANTS))
 QUICK = dict(preset="small", batches=[1], gens=[32, 64], prompt=16, bucket=8, samples=4, exact=[], exact_reps=1,
@@ -303,9 +305,10 @@ class Variant:
 
 def build_variants(model, names, bucket: int) -> dict:
     optimized = {}
-    for backend in ("eager", "inductor"):
+    for backend in BACKENDS:
         if f"locked/{backend}" in names:
-            optimized[backend] = surelock_fx.optimize(model, backend=backend, bucket=bucket)
+            options = {"session_options": common.ort_session_options()} if backend == "onnxruntime" else {}
+            optimized[backend] = surelock_fx.optimize(model, backend=backend, bucket=bucket, **options)
     return {name: Variant(name, model, optimized) for name in names}
 
 
@@ -356,22 +359,26 @@ def decided(x: torch.Tensor, positions: torch.Tensor, mask_id: int) -> torch.Ten
 
 
 def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
-    """Compile the inductor variants for this shape, untimed: the lock rule's KL (one and several
-    candidate rows), and in both forms of the locked graph (padded, packed) a full-width, a mid-decode
-    and a single-row pass (dynamo specialises a size of 1, and M = N at first sight through duck sizing)."""
+    """Build what the variants build on first use, untimed: inductor's graphs for this shape and its
+    lock rule's KL (one and several candidate rows), and, where a backend has both forms of the locked
+    graph (padded, packed: inductor, and ONNX Runtime, which exports the packed one on its first packed
+    step), a full-width, a mid-decode and a single-row pass in each (dynamo specialises a size of 1,
+    and M = N at first sight through duck sizing)."""
     with torch.inference_mode():
         x = x0.clone()
         for v in variants.values():
-            if v.backend != "inductor":
-                continue
             if v.kind == "dense":
-                decode_step(model_forward(v.model), x, mask_id, eos, eot)
+                if v.backend != "plain":
+                    decode_step(model_forward(v.model), x, mask_id, eos, eot)
                 continue
-            V = v.model.config.vocab_size
-            # (rows of the new logits, of the previous ones, candidates): dynamo specialises sizes of 1
-            for rows, prev_rows, count in ((3, 4, 2), (3, 4, 1), (1, 4, 1), (3, 1, 1), (1, 1, 1)):
-                v.model.kl(torch.zeros(rows, V), torch.arange(count), torch.zeros(prev_rows, V), torch.arange(count),
-                           torch.zeros(count))
+            if v.backend == "inductor":
+                V = v.model.config.vocab_size
+                # (rows of the new logits, of the previous ones, candidates): dynamo specialises sizes of 1
+                for rows, prev_rows, count in ((3, 4, 2), (3, 4, 1), (1, 4, 1), (3, 1, 1), (1, 1, 1)):
+                    v.model.kl(torch.zeros(rows, V), torch.arange(count), torch.zeros(prev_rows, V),
+                               torch.arange(count), torch.zeros(count))
+            if not all(FORMS[v.backend]):
+                continue
             for pack_from in (float("inf"), 0.0):  # no pass packed, then every pass
                 runner = v.model.decode_runner(lock, DecodeStats())
                 runner.pack_from = pack_from
@@ -475,7 +482,8 @@ def run(args) -> dict:
         row["padded_flops_ratio"] = {
             b: sum(flops.step(c if p else B * w, N, queries=B * w) for c, w, p in zip(counts, widths, packed[b]))
             / flops_dense for b in packed}
-        row["ideal_speedup"] = {b: flops_dense / flops_locked for b in ("eager", "inductor")}
+        backends = [b for b in BACKENDS if f"locked/{b}" in variants]
+        row["ideal_speedup"] = {b: flops_dense / flops_locked for b in backends}
         with common.count_compilations() as compiles:
             warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)
         row["compilations_warmup"] = compiles
@@ -493,18 +501,21 @@ def run(args) -> dict:
                 row["exact"] = exact
                 row["estimator_error"] = {k: sampled["time_s"][k] / exact[k]["time_s"] - 1 for k in exact}
                 times = {k: e["time_s"] for k, e in exact.items()}
-                for b in ("eager", "inductor"):  # the runner's own FLOP accounting of the decode it ran
+                for b in backends:  # the runner's own FLOP accounting of the decode it ran
                     e = exact.get(f"locked/{b}")
                     if e:
                         row["ideal_speedup"][b] = e["flops_dense"] / e["flops_locked"]
         row["compilations_timed"] = compiles
         row["time_s"] = times
         row["tokens_per_s"] = {k: B * G / t for k, t in times.items()}
-        for b in ("eager", "inductor"):
+        for b in backends:
             d, l = times.get(f"dense/{b}"), times.get(f"locked/{b}")
             if d and l:
                 row[f"speedup_{b}"] = d / l
                 row[f"efficiency_{b}"] = d / l / row["ideal_speedup"][b]
+                if "exact" in row:  # each interleaved repetition's own: how far one repetition may stray
+                    reps = zip(row["exact"][f"dense/{b}"]["times_s"], row["exact"][f"locked/{b}"]["times_s"])
+                    row[f"efficiency_per_repetition_{b}"] = [d / l / row["ideal_speedup"][b] for d, l in reps]
             if times.get("dense/plain") and l:
                 row[f"speedup_vs_plain_{b}"] = times["dense/plain"] / l
         results.append(row)
@@ -522,11 +533,11 @@ def run(args) -> dict:
 
 def targets(results: list[dict]) -> dict:
     out = {}
-    for backend in ("eager", "inductor"):
+    for backend in BACKENDS:
         vals = [r[f"speedup_{backend}"] for r in results if f"speedup_{backend}" in r]
         out[f"min_speedup_{backend}"] = min(vals, default=None)
         out[f"never_slower_than_dense_{backend}"] = None if not vals else all(v >= 1 for v in vals)
-    eff = [r[f"efficiency_{b}"] for r in results for b in ("eager", "inductor") if f"efficiency_{b}" in r]
+    eff = [r[f"efficiency_{b}"] for r in results for b in BACKENDS if f"efficiency_{b}" in r]
     out["min_efficiency"] = min(eff, default=None)
     near_half = [r for r in results if 0.4 <= r["flops_ratio"] <= 0.6 and "speedup_vs_plain_inductor" in r]
     out["inductor_locked_vs_plain_at_flops_ratio_0_4_to_0_6"] = [
@@ -544,8 +555,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     for ax, G in zip(axes[0], gens):
         pts = sorted((r for r in rows if r["gen_length"] == G), key=lambda r: r["batch"])
         Bs = [r["batch"] for r in pts]
-        for key, style, label in (("speedup_eager", "o-", "eager: locked / dense"),
-                                  ("speedup_inductor", "s-", "inductor: locked / dense"),
+        for key, style, label in (*((f"speedup_{b}", f"{m}-", f"{b}: locked / dense") for b, m in zip(BACKENDS, "osd")),
                                   ("speedup_vs_plain_inductor", "^--", "locked inductor / plain eager model")):
             if all(key in r for r in pts):
                 ax.plot(Bs, [r[key] for r in pts], style, label=label)
@@ -574,7 +584,7 @@ def main(argv=None):
     for r in result["results"]:
         print(f"B={r['batch']} G={r['gen_length']:5d} {r['mode']:7s} FLOPs ratio {r['flops_ratio']:.3f}  "
               + "  ".join(f"{k} {v:.2f}s" for k, v in r["time_s"].items())
-              + f"  speedup eager {r.get('speedup_eager', float('nan')):.2f} inductor {r.get('speedup_inductor', float('nan')):.2f}")
+              + "  speedup " + " ".join(f"{b} {r[f'speedup_{b}']:.2f}" for b in BACKENDS if f"speedup_{b}" in r))
     print(f"targets: {result['targets']}\nwrote {path}")
     return result
 

@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+from decode_e2e import BACKENDS as E2E_BACKENDS  # noqa: E402
 
 ROOT = common.ROOT
 PAPER = dict(flops_ratio=(0.47, 0.55), tps_ratio_b_ge_2=(1.17, 1.39), tps_ratio_b1_g64=0.73,
@@ -56,6 +57,12 @@ def load(results: Path) -> dict:
 
 
 f2, f1, f3 = (lambda v: common.fmt(v, 2)), (lambda v: common.fmt(v, 1)), (lambda v: common.fmt(v, 3))
+NAMES = {"eager": "eager", "inductor": "inductor", "onnxruntime": "ONNX Runtime"}
+
+
+def e2e_backends(results: list[dict]) -> list[str]:
+    """The backends the end-to-end results compare locked with dense on, in ``decode_e2e.BACKENDS`` order."""
+    return [b for b in E2E_BACKENDS if any(f"speedup_{b}" in r for r in results)]
 
 
 def pct(v):
@@ -76,11 +83,12 @@ def machine_section(data: dict) -> str:
     rows = []
     for name, d in data.items():
         m, s = d["machine"], d["settings"]
-        rows.append([f"`{name}`", "quick" if d.get("quick") else "full", m["cpu_model"], m["cpu_cores"],
+        rows.append([f"`{name}`", "quick" if d.get("quick") else "full", m["cpu_model"],
+                     m.get("cpu_capability", "–"), m["cpu_cores"],
                      s.get("threads", m.get("torch_threads")), m["torch_version"], m.get("git_commit") or "–",
                      m.get("malloc", "defaults"), m.get("date", "–"),
                      f"{m.get('load_average_start')} → {m.get('load_average_end')}"])
-    return table(["benchmark", "mode", "CPU", "cores", "torch threads", "torch", "commit", "glibc malloc", "date (UTC)",
+    return table(["benchmark", "mode", "CPU", "vector ISA", "cores", "torch threads", "torch", "commit", "glibc malloc", "date (UTC)",
                   "load avg (1/5/15 min) start → end"], rows)
 
 
@@ -110,14 +118,14 @@ def target_rows(data: dict) -> list[list]:
                          "met" if min(h["speedup"] for h in hs) >= 2 else "**not met**"])
     if e2e:
         res = e2e["results"]
-        for backend in ("eager", "inductor"):
+        for backend in e2e_backends(res):
             vals = [(r[f"speedup_{backend}"], r) for r in res if f"speedup_{backend}" in r]
             if vals:
                 worst, r = min(vals, key=lambda v: v[0])
                 rows.append([f"never slower than dense, any B and G (end-to-end, {backend})",
                              f"min tokens/s ratio {f2(worst)} (B={r['batch']}, G={r['gen_length']})",
                              "met" if worst >= 1 else "**not met**"])
-        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in ("eager", "inductor") if f"efficiency_{b}" in r]
+        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in e2e_backends(res) if f"efficiency_{b}" in r]
         if effs:
             worst, b, r = min(effs, key=lambda v: v[0])
             rows.append(["end-to-end efficiency (speedup / ideal) >= 0.9 (M/N >= 0.1 throughout these decodes)",
@@ -227,34 +235,40 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
            f"`exact` = whole `generate()` decodes (the fastest of {s.get('exact_reps', 1)} per variant, interleaved); `sampled` = {s['samples']} timed decode steps per variant, "
            "interpolated over all G steps, locked variants' in the step's active rows, dense ones' in t (whole decodes of "
            "the larger configurations would take hours on this CPU)."]
+    backends = e2e_backends(d["results"])
+    names = [NAMES[b] for b in backends]
     rows = []
     for r in d["results"]:
         t = r["tokens_per_s"]
-        ideal = r["ideal_speedup"]
-        rows.append([r["batch"], r["gen_length"], r["mode"], f3(r["flops_ratio"]), f2(ideal.get("inductor")),
-                     f2(t.get("dense/plain")), f2(t.get("dense/eager")), f2(t.get("dense/inductor")),
-                     f2(t.get("locked/eager")), f2(t.get("locked/inductor")), f2(r.get("speedup_eager")),
-                     f2(r.get("speedup_inductor")), f2(r.get("efficiency_eager")), f2(r.get("efficiency_inductor")),
-                     f2(r.get("gemm_efficiency")), f2(r.get("speedup_vs_plain_eager")),
-                     f2(r.get("speedup_vs_plain_inductor"))])
-    out.append("Dense eager and dense inductor are each backend's pipeline without the locking rewrite (packed, "
-               "respectively frozen, weights); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
+        rows.append([r["batch"], r["gen_length"], r["mode"], f3(r["flops_ratio"]), f2(r["ideal_speedup"][backends[0]]),
+                     f2(t.get("dense/plain")), *(f2(t.get(f"{kind}/{b}")) for kind in ("dense", "locked") for b in backends),
+                     *(f2(r.get(f"{key}_{b}")) for key in ("speedup", "efficiency") for b in backends),
+                     f2(r.get("gemm_efficiency")), *(f2(r.get(f"speedup_vs_plain_{b}")) for b in backends)])
+    out.append("Each backend's dense baseline is its pipeline without the locking rewrite (eager: packed weights, "
+               "inductor: frozen weights, ONNX Runtime: the plain model exported to ONNX, in a CPU session with as many "
+               "threads as torch); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
                "locked with dense on the same backend; `GEMMs alone` is that efficiency for the model's linear "
                "layers alone (one oneDNN call each on packed weights) at the rows of each step's locked (eager: active "
                "rows, packed) and dense graphs, timed at the sampled steps: the bound that reading the weights every pass and few-row "
-               "GEMMs set, before attention, the sampler and the bookkeeping. The last two columns compare locked "
+               "GEMMs set, before attention, the sampler and the bookkeeping. The last columns compare locked "
                "with the plain model.")
-    out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s plain", "tok/s dense eager",
-                      "tok/s dense inductor", "tok/s locked eager", "tok/s locked inductor", "speedup eager",
-                      "speedup inductor", "eff. eager", "eff. inductor", "GEMMs alone", "locked eager / plain",
-                      "locked inductor / plain"], rows))
+    out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s plain",
+                      *(f"tok/s {kind} {n}" for kind in ("dense", "locked") for n in names),
+                      *(f"{key} {n}" for key in ("speedup", "eff.") for n in names), "GEMMs alone",
+                      *(f"locked {n} / plain" for n in names)], rows))
+    spread = [(r, b, r[f"efficiency_per_repetition_{b}"]) for r in d["results"] for b in backends
+              if f"efficiency_per_repetition_{b}" in r]
+    if spread:
+        out.append("Efficiency of each interleaved repetition of the exact decodes (its dense time over its locked "
+                   "time, over the ideal): how far one timing may stray on this machine. " + "; ".join(
+                       f"B={r['batch']} G={r['gen_length']} {NAMES[b]}: {span(effs)}" for r, b, effs in spread) + ".")
     padded = [r for r in d["results"] if "padded_flops_ratio" in r]
     if padded:
         out.append("Batch padding: attention runs every batch row's queries as many as the row with the most active "
                    "ones; the projections, FFN and LM head compute the active rows only on the steps that run packed "
                    "across the batch (`passes/pack_rows.py`: eager every step, inductor and ONNX Runtime where the padding reaches "
                    "`runtime.PACK_FROM` of the rows), else as many as attention. The locked graphs compute a FLOPs "
-                   "ratio (eager / inductor, inductor's packed steps) of " + ", ".join(
+                   "ratio (eager / inductor and ONNX Runtime, their packed steps) of " + ", ".join(
                        f"{f3(r['padded_flops_ratio']['eager'])} / {f3(r['padded_flops_ratio']['inductor'])}, "
                        f"{r['packed_steps']['inductor']} of {r['steps']} (B={r['batch']}, G={r['gen_length']})"
                        for r in padded)
@@ -307,15 +321,18 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
 
 def paper_section(data: dict) -> str:
     e2e = data.get("decode_e2e")
-    rows = [["FLOPs ratio (locked / dense)", f"{PAPER['flops_ratio'][0]}–{PAPER['flops_ratio'][1]}", "–", "–"],
-            ["tokens/s ratio, B >= 2", f"{PAPER['tps_ratio_b_ge_2'][0]}–{PAPER['tps_ratio_b_ge_2'][1]}x", "–", "–"],
-            ["tokens/s ratio, B = 1, N_gen = 64", f"{PAPER['tps_ratio_b1_g64']}x (slower)", "–", "–"],
-            ["tokens/s ratio against the plain PyTorch model, all B and G", "–", "–", "–"]]
+    backends = e2e_backends(e2e["results"]) if e2e else ["eager", "inductor"]
+    rows = [["FLOPs ratio (locked / dense)", f"{PAPER['flops_ratio'][0]}–{PAPER['flops_ratio'][1]}"],
+            ["tokens/s ratio, B >= 2", f"{PAPER['tps_ratio_b_ge_2'][0]}–{PAPER['tps_ratio_b_ge_2'][1]}x"],
+            ["tokens/s ratio, B = 1, N_gen = 64", f"{PAPER['tps_ratio_b1_g64']}x (slower)"],
+            ["tokens/s ratio against the plain PyTorch model, all B and G", "–"]]
+    for row in rows:
+        row += ["–"] * len(backends)
     if e2e:
         res = e2e["results"]
         fr = [r["flops_ratio"] for r in res]
-        rows[0][2] = rows[0][3] = f"{f3(min(fr))}–{f3(max(fr))} (replayed schedule, all B, G)"
-        for col, backend in ((2, "eager"), (3, "inductor")):
+        rows[0][2:] = [f"{f3(min(fr))}–{f3(max(fr))} (replayed schedule, all B, G)"] * len(backends)
+        for col, backend in enumerate(backends, start=2):
             b2 = [r[f"speedup_{backend}"] for r in res if r["batch"] >= 2 and f"speedup_{backend}" in r]
             if b2:
                 rows[1][col] = f"{f2(min(b2))}–{f2(max(b2))}x"
@@ -327,7 +344,7 @@ def paper_section(data: dict) -> str:
             plain = [r[f"speedup_vs_plain_{backend}"] for r in res if f"speedup_vs_plain_{backend}" in r]
             if plain:
                 rows[3][col] = f"{f2(min(plain))}–{f2(max(plain))}x"
-    return table(["", f"paper ({PAPER['note']})", "ours, eager", "ours, inductor"], rows)
+    return table(["", f"paper ({PAPER['note']})", *(f"ours, {NAMES[b]}" for b in backends)], rows)
 
 
 def notes(data: dict) -> str:
@@ -366,16 +383,16 @@ def notes(data: dict) -> str:
                          "graph's is over M; timing noise on a shared machine is the rest.")
     if e2e:
         res = e2e["results"]
-        slow = [(b, r) for r in res for b in ("eager", "inductor") if r.get(f"speedup_{b}", 2) < 1]
+        slow = [(b, r) for r in res for b in e2e_backends(res) if r.get(f"speedup_{b}", 2) < 1]
         if slow:
             items.append("Locked decoding is slower than dense at: " + ", ".join(
                 f"{b} B={r['batch']} G={r['gen_length']} ({f2(r[f'speedup_{b}'])}x)" for b, r in slow) + ".")
         else:
-            items.append("Locked decoding is faster than dense decoding at every measured B and G with both backends, "
+            items.append("Locked decoding is faster than dense decoding at every measured B and G with every backend, "
                          "B = 1 included (the paper measured 0.73x at B = 1, N_gen = 64). On this CPU a pass costs "
                          "close to its rows (see the step-latency curves), so removing rows removes time even at "
                          "B = 1; a GPU that few rows leave under-filled does not behave that way.")
-        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in ("eager", "inductor") if f"efficiency_{b}" in r]
+        effs = [(r[f"efficiency_{b}"], b, r) for r in res for b in e2e_backends(res) if f"efficiency_{b}" in r]
         if effs:
             lo, hi = min(effs, key=lambda e: e[0]), max(effs, key=lambda e: e[0])
             items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
@@ -495,7 +512,7 @@ def small_pass_limitation(sl: dict, e2e: dict) -> str:
     short, long = [r for r in res if r["gen_length"] == G0], [r for r in res if r["gen_length"] > G0]
 
     def decodes(rs):
-        return span(r[f"efficiency_{b}"] for r in rs for b in ("eager", "inductor") if f"efficiency_{b}" in r)
+        return span(r[f"efficiency_{b}"] for r in rs for b in e2e_backends(res) if f"efficiency_{b}" in r)
 
     text += (f" Whole decodes show it too: with {G0} generated tokens, whose last steps run a few rows, the GEMMs "
              f"alone at each step's rows reach an efficiency of {span(r['gemm_efficiency'] for r in short)} and the "

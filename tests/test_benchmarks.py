@@ -154,7 +154,8 @@ def test_sample_points_and_interpolation():
 def test_decode_e2e(out):
     decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
                      "--samples", "3", "--exact", "1x8", "--exact-reps", "2",
-                     "--variants", "dense/plain", "dense/eager", "locked/eager", "--schedule-model", "random", *COMMON])
+                     "--variants", "dense/plain", "dense/eager", "locked/eager", "dense/onnxruntime", "locked/onnxruntime",
+                     "--schedule-model", "random", *COMMON])
     saved = common.read_json(out / "decode_e2e.json")
     assert saved["benchmark"] == "decode_e2e" and "random-weight" in saved["schedule"]["source"]
     assert {"gen_lags", "prompt_lock_steps", "recorded"} <= set(saved["schedule"])
@@ -171,21 +172,30 @@ def test_decode_e2e(out):
         assert close(r["speedup_eager"], r["time_s"]["dense/eager"] / r["time_s"]["locked/eager"])
         assert close(r["efficiency_eager"], r["speedup_eager"] / r["ideal_speedup"]["eager"])
         assert close(r["speedup_vs_plain_eager"], r["time_s"]["dense/plain"] / r["time_s"]["locked/eager"])
+        assert close(r["efficiency_onnxruntime"], r["time_s"]["dense/onnxruntime"] / r["time_s"]["locked/onnxruntime"]
+                     / r["ideal_speedup"]["onnxruntime"])
+        assert "speedup_inductor" not in r and set(r["ideal_speedup"]) == {"eager", "onnxruntime"}
         for name, t in r["time_s"].items():
             assert close(r["tokens_per_s"][name], B * G / t)
-        assert set(r["sampled"]["step_times_s"]) == {"dense/plain", "dense/eager", "locked/eager"}
+        assert set(r["sampled"]["step_times_s"]) == {"dense/plain", "dense/eager", "locked/eager", "dense/onnxruntime",
+                                                     "locked/onnxruntime"}
         assert r["sampled"]["points"][0] == 0 and r["sampled"]["points"][-1] == G - 1
         gemm = r["sampled"]["gemm_time_s"]
         assert close(r["gemm_efficiency"], gemm["dense"] / gemm["locked"] * r["flops_ratio"])
         assert all(len(ts) == len(r["sampled"]["points"]) for ts in r["sampled"]["gemm_step_times_s"].values())
         assert {"graphs", "recompiles"} <= set(r["compilations_timed"])
     exact = rows[(1, 8)]
-    for name in ("dense/plain", "dense/eager", "locked/eager"):
+    for name in exact["time_s"]:
         assert close(exact["time_s"][name], exact["exact"][name]["time_s"])
         assert len(exact["exact"][name]["times_s"]) == 2 and exact["time_s"][name] == min(exact["exact"][name]["times_s"])
         assert close(exact["estimator_error"][name], exact["sampled"]["time_s"][name] / exact["time_s"][name] - 1)
-    run = exact["exact"]["locked/eager"]
-    assert close(exact["ideal_speedup"]["eager"], run["flops_dense"] / run["flops_locked"])
+    for b in ("eager", "onnxruntime"):
+        run = exact["exact"][f"locked/{b}"]
+        assert close(exact["ideal_speedup"][b], run["flops_dense"] / run["flops_locked"])
+        reps = zip(exact["exact"][f"dense/{b}"]["times_s"], run["times_s"])  # each repetition against its own
+        assert all(close(e, d / l / exact["ideal_speedup"][b])
+                   for e, (d, l) in zip(exact[f"efficiency_per_repetition_{b}"], reps, strict=True))
+    assert "efficiency_per_repetition_eager" not in rows[(2, 8)]  # sampled: one timing per step
     assert "never_slower_than_dense_eager" in saved["targets"]
     assert (out / "decode_e2e_speedup.png").exists() and (out / "decode_e2e_schedule.png").exists()
 
@@ -295,6 +305,14 @@ def test_make_report(out):
                     "## Overheads", "## Comparison with the paper"):
         assert heading in text
     assert "0.73x" in text and "1.17–1.39x" in text
+    header = next(line for line in text.splitlines() if line.startswith("| B | G | mode |"))
+    assert "| speedup eager | speedup ONNX Runtime |" in header and "inductor" not in header  # the backends measured
+    assert "ours, ONNX Runtime" in text
+    m = common.read_json(out / "decode_e2e.json")["machine"]
+    assert f"| {m['cpu_model']} | {m['cpu_capability']} |" in text
+    exact = next(r for r in common.read_json(out / "decode_e2e.json")["results"] if r["mode"] == "exact")
+    assert f"B={exact['batch']} G={exact['gen_length']} ONNX Runtime: " \
+           f"{make_report.span(exact['efficiency_per_repetition_onnxruntime'])}" in text
     e2e = common.read_json(out / "decode_e2e.json")["results"]
     low = min(r["gemm_efficiency"] for r in e2e)
     assert f"The decodes' GEMMs alone reach an efficiency of {low:.2f}" in text
