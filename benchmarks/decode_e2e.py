@@ -513,9 +513,6 @@ def run(args) -> dict:
             if d and l:
                 row[f"speedup_{b}"] = d / l
                 row[f"efficiency_{b}"] = d / l / row["ideal_speedup"][b]
-                if "exact" in row:  # each interleaved repetition's own: how far one repetition may stray
-                    reps = zip(row["exact"][f"dense/{b}"]["times_s"], row["exact"][f"locked/{b}"]["times_s"])
-                    row[f"efficiency_per_repetition_{b}"] = [d / l / row["ideal_speedup"][b] for d, l in reps]
             if times.get("dense/plain") and l:
                 row[f"speedup_vs_plain_{b}"] = times["dense/plain"] / l
         results.append(row)

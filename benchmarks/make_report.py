@@ -218,6 +218,13 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
     return "\n\n".join(out)
 
 
+def repetition_efficiencies(r: dict, backend: str) -> list[float]:
+    """The efficiency of each interleaved repetition of an exact configuration ``r``: its dense time over
+    its locked time, over the ideal."""
+    dense, locked = (r["exact"][f"{kind}/{backend}"]["times_s"] for kind in ("dense", "locked"))
+    return [d / l / r["ideal_speedup"][backend] for d, l in zip(dense, locked, strict=True)]
+
+
 def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
     s, m, sch = d["settings"], d["model"], d["schedule"]
     rec = sch["recorded"]
@@ -256,8 +263,8 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
                       *(f"tok/s {kind} {n}" for kind in ("dense", "locked") for n in names),
                       *(f"{key} {n}" for key in ("speedup", "eff.") for n in names), "GEMMs alone",
                       *(f"locked {n} / plain" for n in names)], rows))
-    spread = [(r, b, r[f"efficiency_per_repetition_{b}"]) for r in d["results"] for b in backends
-              if f"efficiency_per_repetition_{b}" in r]
+    spread = [(r, b, repetition_efficiencies(r, b)) for r in d["results"] for b in backends
+              if f"locked/{b}" in r.get("exact", {})]
     if spread:
         out.append("Efficiency of each interleaved repetition of the exact decodes (its dense time over its locked "
                    "time, over the ideal): how far one timing may stray on this machine. " + "; ".join(
@@ -367,7 +374,8 @@ def notes(data: dict) -> str:
             if gemm:
                 items.append("At those row counts the model's GEMMs alone, without anything else a pass does, reach "
                              "an efficiency of only " + ", ".join(f"{f2(g)} (N={N}, M={M})" for N, M, g in gemm)
-                             + "; where that is below 0.9, no pass with float32 weights can reach 0.9 on this CPU. "
+                             + "; where that is below 0.9, no pass running oneDNN's float32 GEMM (eager, inductor) can reach 0.9 on "
+                             "this CPU. "
                              "The rest of the gap (the locked pass against its GEMMs: "
                              + ", ".join(f"{r['backend']} N={r['seq']} M={r['active_rows']}: "
                                          f"{f2(r['efficiency'])} vs {f2(r['gemm_efficiency'])}"
@@ -411,9 +419,9 @@ def notes(data: dict) -> str:
                              f"(B={lo_g['batch']}, G={lo_g['gen_length']}) to {f2(hi_g['gemm_efficiency'])} "
                              f"(B={hi_g['batch']}, G={hi_g['gen_length']})"
                              + (("; below 0.9 at " + ", ".join(f"B={r['batch']} G={r['gen_length']}" for r in below)
-                                 + ": there, with float32 weights on this CPU and the rows these graphs compute "
-                                 "(packed active rows), no decode can reach 0.9, whatever the rest of a step "
-                                 "costs") if below else "") + ".")
+                                 + ": there, with oneDNN's float32 GEMM on this CPU and the rows these graphs "
+                                 "compute (packed active rows), no eager or inductor decode can reach 0.9, whatever "
+                                 "the rest of a step costs") if below else "") + ".")
     if sl:
         lowering = sorted({(r["backend"], r["seq"], r["t_plain_s"] / r["t_dense_s"]) for r in sl["results"]})
         items.append("How much of the speedup over the plain model is the lowering rather than the locking: the dense "
@@ -506,7 +514,7 @@ def small_pass_limitation(sl: dict, e2e: dict) -> str:
             f"graphs against the FLOPs ratio {reach}. "
             f"The model's GEMMs alone, timed at the same row counts, show "
             f"the same limit ({f2(low['gemm_efficiency'])} at {low['active_rows'] * low['batch']} rows, "
-            f"[BENCHMARKS.md](BENCHMARKS.md), `GEMMs alone` column): it is the hardware's, not the rewrite's.")
+            f"[BENCHMARKS.md](BENCHMARKS.md), `GEMMs alone` column, oneDNN's GEMM): it is the GEMM's on this hardware, not the rewrite's.")
     res = e2e["results"]
     G0 = min(r["gen_length"] for r in res)
     short, long = [r for r in res if r["gen_length"] == G0], [r for r in res if r["gen_length"] > G0]

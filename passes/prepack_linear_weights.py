@@ -8,8 +8,13 @@ from torch import fx
 
 LINEAR = torch.ops.aten.linear.default
 PACKED_LINEAR = torch.ops.mkldnn._linear_pointwise.default
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 ROWS_HINT = 64  # oneDNN picks the blocked layout for this many rows; any row count runs on it
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """The weight dtypes oneDNN packs on this CPU: float32, and bfloat16 where the CPU has the instructions
+    oneDNN's bfloat16 GEMM needs (AVX512-BW/VL/DQ or AVX-NE-CONVERT on x86; without them it refuses to pack)."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def _packable_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
@@ -17,7 +22,7 @@ def _packable_weight(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     if node.target is not LINEAR or node.args[1].op != "get_attr":
         return None
     weight = operator.attrgetter(node.args[1].target)(gm)
-    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
+    if weight.device.type != "cpu" or weight.dtype not in packable_dtypes() or weight.dim() != 2:
         return None
     x = node.args[0].meta.get("val")
     if x is None or x.dtype != weight.dtype:
@@ -31,10 +36,10 @@ def prepack_linear_weights(gm: fx.GraphModule) -> fx.GraphModule:
 
     On the CPUs measured (benchmarks/step_latency.py), the packed GEMM keeps its throughput down to
     a few rows, where ``aten.linear``'s BLAS GEMM loses up to half of it; few rows are what the locked
-    graph runs at small active fractions. Preconditions: weights are get_attr
-    constants with ``meta["val"]`` on their inputs (torch.export); other devices and dtypes, weights
-    computed in the graph, and builds of torch without oneDNN are left unchanged. The packed copies
-    are non-persistent buffers in oneDNN's opaque layout (not in the state dict, not movable to
+    graph runs at small active fractions. Preconditions: weights are get_attr constants with
+    ``meta["val"]`` on their inputs (torch.export); other devices and dtypes (bfloat16 on CPUs without
+    oneDNN's bfloat16 support: ``packable_dtypes``), weights computed in the graph, and builds of torch
+    without oneDNN are left unchanged. The packed copies are non-persistent buffers in oneDNN's opaque layout (not in the state dict, not movable to
     another device), so the pass is for running a graph on this CPU, not for exporting it.
     """
     if not torch.backends.mkldnn.is_available():

@@ -62,6 +62,18 @@ def test_weight_computed_in_the_graph_is_left_alone():
     assert counts(prepack_linear_weights(gm))[LINEAR] == 1
 
 
+@pytest.mark.parametrize("supported", [True, False])
+def test_bfloat16_is_packed_only_where_onednn_supports_it(supported, monkeypatch):
+    if supported and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU lacks oneDNN's bfloat16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+    gm = lock_rows(capture(tiny_model(seed=5).to(torch.bfloat16)))
+    linears = counts(gm)[LINEAR]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
+    packed = prepack_linear_weights(gm)
+    assert counts(packed)[PACKED_LINEAR] == (linears if supported else 0)
+    assert counts(packed)[LINEAR] == (0 if supported else linears)
+
+
 def test_without_onednn_nothing_changes(model, monkeypatch):
     gm = lock_rows(capture(model))
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
