@@ -297,6 +297,15 @@ def ort_session_options():
     return options
 
 
+def optimized(model, backend: str, **kwargs):
+    """``surelock_fx.optimize(model, backend, **kwargs)``, ONNX Runtime's sessions with ``ort_session_options``."""
+    import surelock_fx
+
+    if backend == "onnxruntime":
+        kwargs["session_options"] = ort_session_options()
+    return surelock_fx.optimize(model, backend=backend, **kwargs)
+
+
 class OrtDense:
     """The plain model exported to ONNX (dynamic batch and sequence) in an ONNX Runtime CPU session:
     ``dense(input_ids) -> logits``, zero-copy like the locked graph's ONNX Runtime backend."""

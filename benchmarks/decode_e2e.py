@@ -307,8 +307,7 @@ def build_variants(model, names, bucket: int) -> dict:
     optimized = {}
     for backend in BACKENDS:
         if f"locked/{backend}" in names:
-            options = {"session_options": common.ort_session_options()} if backend == "onnxruntime" else {}
-            optimized[backend] = surelock_fx.optimize(model, backend=backend, bucket=bucket, **options)
+            optimized[backend] = common.optimized(model, backend, bucket=bucket)
     return {name: Variant(name, model, optimized) for name in names}
 
 

@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402
-import surelock_fx  # noqa: E402
 from surelock_fx.passes import cache_specs  # noqa: E402
 
 NAME = "step_latency"
@@ -88,8 +87,7 @@ def crossover(points: list[dict]) -> float | None:
 
 def build(model, backend: str):
     """(optimized model, dense baseline) of a backend."""
-    options = {"session_options": common.ort_session_options()} if backend == "onnxruntime" else {}
-    return surelock_fx.optimize(model, backend=backend, **options), common.compiled_dense(model, backend)
+    return common.optimized(model, backend), common.compiled_dense(model, backend)
 
 
 def run(args) -> dict:
