@@ -1,10 +1,14 @@
-"""Tiny test models run fastest on one thread, and the suite stays quick on a loaded 2-core machine."""
+"""Tiny test models run fastest on one thread, and pytest-xdist (pyproject's addopts) runs one test
+process per core. Inductor compiles in its test process: a pool of compile workers per test process
+would only compete for the same cores."""
 import pytest
 import torch
+from torch._inductor import config as inductor_config
 
 import surelock_fx.sampler
 
 torch.set_num_threads(1)
+inductor_config.compile_threads = 1
 
 
 @pytest.fixture(params=["whole", "one-row-chunks"])

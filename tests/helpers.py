@@ -6,6 +6,7 @@ project did not write.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -47,6 +48,24 @@ BLOCK_TO_LLAMA = {
 def counts(gm) -> Counter:
     """Call-function nodes of a graph module, by target."""
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+@functools.cache
+def _captured(model: torch.nn.Module, locked: bool):
+    from surelock_fx.capture import capture
+    from surelock_fx.passes import lock_rows
+
+    gm = capture(model)
+    return lock_rows(gm) if locked else gm
+
+
+def captured(model: torch.nn.Module, locked: bool = True):
+    """``model`` captured (and, if ``locked``, rewritten by ``lock_rows``) once per test session: each
+    call returns a copy of that graph sharing the model's weights, for passes to rewrite in place
+    (torch.export takes seconds even for a tiny model)."""
+    from surelock_fx.passes import copy_graph_module
+
+    return copy_graph_module(_captured(model, locked))
 
 
 def locked_inputs(gm, N, active, gen, dtype=torch.float32):

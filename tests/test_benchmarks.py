@@ -25,6 +25,10 @@ import make_report  # noqa: E402
 import overhead  # noqa: E402
 import step_latency  # noqa: E402
 
+# One test process runs this module in order (pytest-xdist's loadgroup): the report tests read the JSON
+# that the benchmark tests before them wrote.
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
 COMMON = ["--quick", "--preset", "tiny", "--no-progress", "--seed", "0"]
 
 

@@ -13,7 +13,7 @@ from surelock_fx.passes.row_analysis import SDPA
 from surelock_fx.reference import ReplaceLockedKV
 from surelock_fx.sampler import model_forward
 
-from helpers import counts, hf_llama_from_llada, run_locked, tiny_model
+from helpers import captured, counts, hf_llama_from_llada, run_locked, tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -30,7 +30,7 @@ def llada():
 
 @pytest.fixture(scope="module")
 def llada_graph(llada):
-    return lock_rows(capture(llada))
+    return captured(llada)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_second_run_changes_nothing(llada_graph):
 
 
 def test_graph_without_masks_or_asserts_is_left_alone(llada):
-    gm = capture(llada)
+    gm = captured(llada, locked=False)
     before = counts(gm)
     assert counts(detach_full_attention_masks(gm)) == before
     assert counts(remove_metadata_asserts(gm)) == before

@@ -1,16 +1,18 @@
 """prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unpacked graph,
 and the compiled backends (eager with packed weights, inductor with frozen ones) against the locking semantics."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from surelock_fx.capture import capture
 from surelock_fx.optimize import compile_graph, copy_graph_module
-from surelock_fx.passes import lock_rows, prepack_linear_weights
+from surelock_fx.passes import prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
-from helpers import counts, locked_inputs, tiny_model
+from helpers import captured, counts, locked_inputs, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -23,8 +25,14 @@ def model():
     return tiny_model(seed=3, n_layers=2, n_kv_heads=2)
 
 
+@functools.cache
+def model_of(dtype: torch.dtype, **config):
+    """One tiny model per dtype and config for the whole module: its graph is captured once (helpers.captured)."""
+    return tiny_model(seed=5, **config).to(dtype)
+
+
 def test_every_linear_runs_on_a_packed_weight(model):
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     linears = counts(gm)[LINEAR]
     packed = prepack_linear_weights(gm)
     packed.graph.lint()
@@ -37,7 +45,7 @@ def test_every_linear_runs_on_a_packed_weight(model):
 
 
 def test_second_run_changes_nothing(model):
-    gm = prepack_linear_weights(lock_rows(capture(model)))
+    gm = prepack_linear_weights(captured(model))
     code, buffers = gm.code, len(list(gm.buffers()))
     assert prepack_linear_weights(gm).code == code
     assert len(list(gm.buffers())) == buffers
@@ -66,7 +74,7 @@ def test_weight_computed_in_the_graph_is_left_alone():
 def test_bfloat16_is_packed_only_where_onednn_supports_it(supported, monkeypatch):
     if supported and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU lacks oneDNN's bfloat16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
-    gm = lock_rows(capture(tiny_model(seed=5).to(torch.bfloat16)))
+    gm = captured(model_of(torch.bfloat16))
     linears = counts(gm)[LINEAR]
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
     packed = prepack_linear_weights(gm)
@@ -75,7 +83,7 @@ def test_bfloat16_is_packed_only_where_onednn_supports_it(supported, monkeypatch
 
 
 def test_without_onednn_nothing_changes(model, monkeypatch):
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert counts(prepack_linear_weights(gm))[LINEAR] == 7 * model.config.n_layers + 1
 
@@ -83,8 +91,7 @@ def test_without_onednn_nothing_changes(model, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, N, M", [(1, 9, 1), (3, 11, 11), (2, 16, 5)])
 def test_packed_graph_matches_unpacked(dtype, B, N, M):
-    model = tiny_model(seed=B * 100 + N + M).to(dtype)
-    gm = lock_rows(capture(model))
+    gm = captured(model_of(dtype))
     packed = prepack_linear_weights(copy_graph_module(gm))
     gen = torch.Generator().manual_seed(B * N * M)
     inputs = locked_inputs(gm, N, [M] * B, gen, dtype)
@@ -96,7 +103,7 @@ def test_packed_graph_matches_unpacked(dtype, B, N, M):
 
 
 def test_compile_graph_leaves_its_input_exportable(model):
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     code = gm.code
     compile_graph(gm, "eager")
     assert gm.code == code and counts(gm)[PACKED_LINEAR] == 0
@@ -105,8 +112,8 @@ def test_compile_graph_leaves_its_input_exportable(model):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_compiled_backends_match_reference_semantics(backend, packed):
-    model = tiny_model(seed=9, n_layers=1, n_kv_heads=2, d_model=32)
-    gm = lock_rows(capture(model))
+    model = model_of(torch.float32, n_layers=1, n_kv_heads=2, d_model=32)
+    gm = captured(model)
     check_against_reference(model, compiled_with_specs(compile_graph(gm, backend, packed), gm), 3, 10, [2, 10, 0],
                             seed=9, rows_packed=packed)
 
@@ -114,7 +121,7 @@ def test_compiled_backends_match_reference_semantics(backend, packed):
 def test_inductor_backend_packs_every_linear(model):
     from torch._dynamo.utils import counters
 
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     with torch.inference_mode():
         compile_graph(gm, "inductor")(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))

@@ -11,7 +11,7 @@ from surelock_fx.optimize import FrozenInductor, copy_graph_module
 from surelock_fx.passes import lock_rows, realize_reused_trig
 from surelock_fx.passes.realize_reused_trig import REALIZE, TRIG
 
-from helpers import assert_unchanged_by, counts, hf_llama_from_llada, locked_inputs, tiny_model
+from helpers import assert_unchanged_by, captured, counts, hf_llama_from_llada, locked_inputs, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def trig_users(gm) -> list[int]:
 
 
 def test_each_reused_cos_and_sin_is_read_through_one_realize(model):
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     assert trig_users(gm) == [2 * model.config.n_layers] * 2  # one cos, one sin: queries and keys of every layer
     realized = realize_reused_trig(copy_graph_module(gm))
     realized.graph.lint()
@@ -52,7 +52,7 @@ def test_rescaled_tables_of_transformers_llama_are_realized_after_the_scaling(mo
 
 
 def test_second_run_changes_nothing(model):
-    assert_unchanged_by(realize_reused_trig, realize_reused_trig(capture(model)))
+    assert_unchanged_by(realize_reused_trig, realize_reused_trig(captured(model, locked=False)))
 
 
 def test_cos_read_once_and_graph_without_trig_are_left_alone():
@@ -85,7 +85,7 @@ def test_inductor_computes_the_rotary_tables_in_one_kernel(model):
     """Without the pass inductor recomputes cos and sin in every layer's query and key kernels."""
     from torch._inductor.utils import run_and_get_code
 
-    gm = lock_rows(capture(model))
+    gm = captured(model)
     inputs = locked_inputs(gm, 9, [4, 9], torch.Generator().manual_seed(0))
     with torch.inference_mode():
         _, plain = run_and_get_code(FrozenInductor(copy_graph_module(gm)), *inputs)
