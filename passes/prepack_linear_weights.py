@@ -39,8 +39,9 @@ def prepack_linear_weights(gm: fx.GraphModule) -> fx.GraphModule:
     graph runs at small active fractions. Preconditions: weights are get_attr constants with
     ``meta["val"]`` on their inputs (torch.export); other devices and dtypes (bfloat16 on CPUs without
     oneDNN's bfloat16 support: ``packable_dtypes``), weights computed in the graph, and builds of torch
-    without oneDNN are left unchanged. The packed copies are non-persistent buffers in oneDNN's opaque layout (not in the state dict, not movable to
-    another device), so the pass is for running a graph on this CPU, not for exporting it.
+    without oneDNN are left unchanged. The packed copies are non-persistent buffers in oneDNN's opaque
+    layout (not in the state dict, not movable to another device), so the pass is for running a graph
+    on this CPU, not for exporting it.
     """
     if not torch.backends.mkldnn.is_available():
         return gm

@@ -51,6 +51,13 @@ def counts(gm) -> Counter:
 
 
 @functools.cache
+def shared_tiny_model(seed: int, dtype: torch.dtype = torch.float32, **overrides) -> LLaDAModel:
+    """``tiny_model(seed, **overrides)`` in ``dtype``, built once per test session and shared by the tests
+    that ask for it (they must not modify it), so that ``captured`` captures it once."""
+    return tiny_model(seed, **overrides).to(dtype)
+
+
+@functools.cache
 def _captured(model: torch.nn.Module, locked: bool):
     from surelock_fx.capture import capture
     from surelock_fx.passes import lock_rows

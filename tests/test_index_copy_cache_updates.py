@@ -6,18 +6,18 @@ import re
 import pytest
 import torch
 
-from surelock_fx.capture import capture
 from surelock_fx.optimize import compile_graph, copy_graph_module
-from surelock_fx.passes import cache_specs, index_copy_cache_updates, lock_rows, update_caches_in_place
+from surelock_fx.passes import cache_specs, index_copy_cache_updates, update_caches_in_place
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY, INDEX_COPY_FUNCTIONAL
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
-from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, locked_inputs, tiny_model
+from helpers import (assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts, locked_inputs,
+                     shared_tiny_model)
 
 
 @pytest.fixture(scope="module")
 def locked():
-    return lock_rows(capture(tiny_model(seed=6, n_layers=2, n_kv_heads=2)))
+    return captured(shared_tiny_model(6, n_layers=2, n_kv_heads=2))
 
 
 def rewritten(locked, in_place: bool = True):
@@ -49,7 +49,7 @@ def test_second_run_changes_nothing(locked, in_place):
 
 
 def test_graphs_not_locked_are_left_alone():
-    assert_unchanged_by(index_copy_cache_updates, capture(tiny_model(seed=7)))
+    assert_unchanged_by(index_copy_cache_updates, captured(shared_tiny_model(7), locked=False))
 
 
 def test_scatter_with_another_index_is_left_alone(locked):

@@ -1,17 +1,14 @@
 """pack_rows: graph structure, idempotence, no-op cases, pack_index, and numerics against the unpacked locked graph."""
 
-import functools
-
 import pytest
 import torch
 
-from surelock_fx.capture import capture
 from surelock_fx.lock import pack_index
 from surelock_fx.optimize import copy_graph_module
-from surelock_fx.passes import cache_specs, is_packed, lock_rows, pack_rows, update_caches_in_place
+from surelock_fx.passes import cache_specs, is_packed, pack_rows, update_caches_in_place
 from surelock_fx.passes.row_analysis import SDPA
 
-from helpers import assert_unchanged_by, counts, locked_inputs, run_locked, tiny_model
+from helpers import assert_unchanged_by, captured, counts, locked_inputs, run_locked, shared_tiny_model
 
 aten = torch.ops.aten
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -20,9 +17,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 LAYERS = 2
 
 
-@functools.cache
 def locked_graph(dtype=torch.float32):
-    return lock_rows(capture(tiny_model(seed=9, n_layers=LAYERS, n_kv_heads=2).to(dtype)))
+    """A fresh copy of the module's locked graph in ``dtype`` (captured once: helpers.captured)."""
+    return captured(shared_tiny_model(9, dtype, n_layers=LAYERS, n_kv_heads=2))
 
 
 def test_packed_graph_structure():
@@ -41,12 +38,12 @@ def test_packed_graph_structure():
 
 
 def test_second_run_changes_nothing():
-    gm = pack_rows(copy_graph_module(locked_graph()))
+    gm = pack_rows(locked_graph())
     assert_unchanged_by(pack_rows, gm)
 
 
 def test_graph_not_locked_is_left_alone():
-    gm = capture(tiny_model(seed=9))
+    gm = captured(shared_tiny_model(9), locked=False)
     assert_unchanged_by(pack_rows, gm)
 
 

@@ -1,8 +1,6 @@
 """prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unpacked graph,
 and the compiled backends (eager with packed weights, inductor with frozen ones) against the locking semantics."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from surelock_fx.optimize import compile_graph, copy_graph_module
 from surelock_fx.passes import prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
 
-from helpers import captured, counts, locked_inputs, tiny_model
+from helpers import captured, counts, locked_inputs, shared_tiny_model, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
@@ -23,12 +21,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(seed=3, n_layers=2, n_kv_heads=2)
-
-
-@functools.cache
-def model_of(dtype: torch.dtype, **config):
-    """One tiny model per dtype and config for the whole module: its graph is captured once (helpers.captured)."""
-    return tiny_model(seed=5, **config).to(dtype)
 
 
 def test_every_linear_runs_on_a_packed_weight(model):
@@ -74,7 +66,7 @@ def test_weight_computed_in_the_graph_is_left_alone():
 def test_bfloat16_is_packed_only_where_onednn_supports_it(supported, monkeypatch):
     if supported and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU lacks oneDNN's bfloat16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
-    gm = captured(model_of(torch.bfloat16))
+    gm = captured(shared_tiny_model(5, torch.bfloat16))
     linears = counts(gm)[LINEAR]
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
     packed = prepack_linear_weights(gm)
@@ -91,7 +83,7 @@ def test_without_onednn_nothing_changes(model, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, N, M", [(1, 9, 1), (3, 11, 11), (2, 16, 5)])
 def test_packed_graph_matches_unpacked(dtype, B, N, M):
-    gm = captured(model_of(dtype))
+    gm = captured(shared_tiny_model(5, dtype))
     packed = prepack_linear_weights(copy_graph_module(gm))
     gen = torch.Generator().manual_seed(B * N * M)
     inputs = locked_inputs(gm, N, [M] * B, gen, dtype)
@@ -112,7 +104,7 @@ def test_compile_graph_leaves_its_input_exportable(model):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_compiled_backends_match_reference_semantics(backend, packed):
-    model = model_of(torch.float32, n_layers=1, n_kv_heads=2, d_model=32)
+    model = shared_tiny_model(9, n_layers=1, n_kv_heads=2, d_model=32)
     gm = captured(model)
     check_against_reference(model, compiled_with_specs(compile_graph(gm, backend, packed), gm), 3, 10, [2, 10, 0],
                             seed=9, rows_packed=packed)

@@ -2,17 +2,17 @@
 
 import pytest
 
-from surelock_fx.capture import capture
 from surelock_fx.optimize import copy_graph_module
-from surelock_fx.passes import cache_specs, lock_rows, update_caches_in_place
+from surelock_fx.passes import cache_specs, update_caches_in_place
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
-from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, counts, tiny_model
+from helpers import (assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts,
+                     shared_tiny_model)
 
 
 @pytest.fixture(scope="module")
 def locked():
-    return lock_rows(capture(tiny_model(seed=6, n_layers=2, n_kv_heads=2)))
+    return captured(shared_tiny_model(6, n_layers=2, n_kv_heads=2))
 
 
 def test_every_cache_is_updated_in_place(locked):
@@ -30,7 +30,7 @@ def test_second_run_changes_nothing(locked):
 
 
 def test_graph_that_is_not_locked_is_left_alone():
-    gm = capture(tiny_model(seed=7))
+    gm = captured(shared_tiny_model(7), locked=False)
     assert_unchanged_by(update_caches_in_place, gm)
 
 
