@@ -166,14 +166,13 @@ def schedule_source(args):
         except ImportError:
             pass
     if path is not None:
-        from transformers import AutoTokenizer
-
-        from surelock_fx.models import load_model
+        from surelock_fx.cli import load_tokenizer
         from surelock_fx.evaluate import encode_batch
+        from surelock_fx.models import load_model
         from surelock_fx.tasks import DEFAULT_DECODE, TASKS, make_problems
 
         model = load_model(path)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tok = load_tokenizer(Path(path))
         n = 4 if args.quick else 16
         problems = [p for task in TASKS for p, _ in make_problems(task, n, seed=args.seed + 12345)]
         ids, mask = encode_batch(tok, problems)

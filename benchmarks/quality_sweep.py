@@ -101,12 +101,11 @@ def timeline(run, row: int = 0) -> list[list[int]]:
 
 
 def sweep(args) -> dict:
-    from transformers import AutoTokenizer
-
+    from surelock_fx.cli import load_tokenizer
     from surelock_fx.models import load_model
 
     model = load_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tokenizer = load_tokenizer(Path(args.model))
     optimized = surelock_fx.optimize(model)
     rows, curves, bound, timelines = [], {}, {}, {}
     for decode in decode_grid(args.quick):
