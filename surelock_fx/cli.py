@@ -41,6 +41,31 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
                         help="torch device, e.g. cpu or cuda:0 (default: cuda if available, else cpu)")
 
 
+def add_lock_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
+    """--lock-eps (one value, or ``several``: one decode each), --confidence-gate, --no-lock-prompt,
+    --backend: how to lock, and which ``optimize()`` backend runs the locked graph."""
+    from .lock import LockConfig
+    from .optimize import BACKENDS
+
+    if several:
+        parser.add_argument("--lock-eps", type=float, nargs="+", default=[LockConfig.kl_threshold],
+                            help="KL thresholds to lock at, one locked decode each")
+    else:
+        parser.add_argument("--lock-eps", type=float, default=None,
+                            help="decode with SureLock, locking at this KL threshold "
+                                 f"(default: dense; {LockConfig.kl_threshold:g} is LockConfig's default)")
+    parser.add_argument("--confidence-gate", type=float, default=None, help="confidence gate fraction m")
+    parser.add_argument("--no-lock-prompt", action="store_true", help="never lock prompt positions")
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="optimize() backend (default: eager)")
+
+
+def lock_config(args: argparse.Namespace, eps: float):
+    """The LockConfig of ``add_lock_arguments``' options, locking at ``eps``."""
+    from .lock import LockConfig
+
+    return LockConfig(kl_threshold=eps, confidence_gate=args.confidence_gate, lock_prompt=not args.no_lock_prompt)
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,11 +135,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="Fast-dLLM confidence threshold: dynamic steps (default: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_lock_arguments(parser, several=False)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Load the checkpoint and its tokenizer, decode one answer, print it."""
+    """Load the checkpoint and its tokenizer, decode one answer (locked with ``--lock-eps``, through
+    ``optimize(model, --backend)`` with ``--lock-eps`` or ``--backend``), print it; a locked decode's
+    FLOPs ratio and mean active fraction go to stderr."""
     from .models import load_config, load_model
+    from .optimize import optimize
     from .sampler import generate
 
     config = load_config(args.model)  # cheap checks first: directory, config.json
@@ -125,11 +154,17 @@ def run_generate(args: argparse.Namespace) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(model, prompt_ids, gen_length=args.gen_length, steps=args.steps,
+    lock = None if args.lock_eps is None else lock_config(args, args.lock_eps)
+    if lock is not None or args.backend is not None:
+        model = optimize(model, backend=args.backend or "eager")
+    out = generate(model, prompt_ids, lock=lock, gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
                    cfg_scale=args.cfg_scale, threshold=args.threshold, generator=generator, progress=True)
     generated = out.tokens[0, prompt_ids.shape[1]:].tolist()
     print(decode_answer(tokenizer, generated, (config.eos_token_id, config.eot_token_id)))
+    if lock is not None:
+        print(f"locked at KL {lock.kl_threshold:g}: FLOPs ratio {out.stats.flops_ratio:.3f}, mean active fraction "
+              f"{out.stats.mean_active_fraction:.3f}, {out.stats.wall_time_s:.2f} s", file=sys.stderr)
     return 0
 
 

@@ -132,7 +132,7 @@ def format_rows(rows: list[dict]) -> str:
 # --- surelock eval and surelock demo ---------------------------------------------------------
 
 def add_eval_arguments(parser) -> None:
-    from .cli import add_model_arguments
+    from .cli import add_lock_arguments, add_model_arguments
 
     add_model_arguments(parser, required=False)
     parser.add_argument("--task", action="append", default=None,
@@ -143,12 +143,8 @@ def add_eval_arguments(parser) -> None:
     parser.add_argument("--gen-length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=None)
-    parser.add_argument("--lock-eps", type=float, nargs="+", default=[LockConfig.kl_threshold],
-                        help="KL thresholds to lock at, one locked decode each")
-    parser.add_argument("--confidence-gate", type=float, default=None, help="confidence gate fraction m")
-    parser.add_argument("--no-lock-prompt", action="store_true", help="never lock prompt positions")
+    add_lock_arguments(parser, several=True)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--backend", default="eager", help="optimize() backend (default: eager)")
     parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
 
 
@@ -166,7 +162,7 @@ def _problems(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 def run_eval(args) -> int:
     """Decode fresh problems dense and locked; print and optionally save the comparison."""
     from . import tasks
-    from .cli import DTYPES, load_tokenizer, resolve_device
+    from .cli import DTYPES, load_tokenizer, lock_config, resolve_device
     from .models import load_model
     from .optimize import optimize
 
@@ -176,9 +172,8 @@ def run_eval(args) -> int:
     decode = dict(tasks.DEFAULT_DECODE)
     decode.update({k: v for k, v in (("gen_length", args.gen_length), ("steps", args.steps),
                                      ("block_length", args.block_length)) if v is not None})
-    locks = [LockConfig(kl_threshold=eps, confidence_gate=args.confidence_gate, lock_prompt=not args.no_lock_prompt)
-             for eps in args.lock_eps]
-    optimized = optimize(model, backend=args.backend)
+    locks = [lock_config(args, eps) for eps in args.lock_eps]
+    optimized = optimize(model, backend=args.backend or "eager")
     rows = []
     for task in args.task or list(tasks.TASKS):
         for row in evaluate_locking(model, optimized, tokenizer, _problems(task, args.n, args.seed), locks,

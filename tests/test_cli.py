@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from helpers import tiny_model
-from surelock_fx import generate
+from surelock_fx import LockConfig, generate, optimize
 from surelock_fx.cli import decode_answer, main
 from surelock_fx.models import save_model
 
@@ -51,10 +51,13 @@ def checkpoint(tmp_path_factory, model):
     return path
 
 
-def expected_answer(model, prompt_words):
-    """Greedy decode of the word ids, cut at the first EOS/EOT, rendered without special tokens."""
+def expected_answer(model, prompt_words, lock=None):
+    """Greedy decode of the word ids (``lock``: by ``model`` optimized), cut at the first EOS/EOT, rendered
+    without special tokens."""
     ids = torch.tensor([[VOCAB[w] for w in prompt_words]])
-    generated = generate(model, ids, gen_length=12, steps=6, block_length=4).tokens[0, ids.shape[1]:].tolist()
+    decoder = model if lock is None else optimize(model)
+    out = generate(decoder, ids, gen_length=12, steps=6, block_length=4, lock=lock)
+    generated = out.tokens[0, ids.shape[1]:].tolist()
     stop = next(i for i, tok in enumerate(generated) if tok in (98, 99))
     assert 0 < stop < len(generated) - 1, "the fixture should stop at EOS/EOT partway through"
     return " ".join(WORDS[tok] for tok in generated[:stop] if tok < 97)
@@ -80,6 +83,25 @@ def test_generate_prints_the_answer(checkpoint, model, capsys, chat):
     assert "6/6" in err  # the progress bar ran over the steps
 
 
+@pytest.mark.parametrize("backend", [[], ["--backend", "eager"]], ids=["default-backend", "eager"])
+def test_generate_locked_prints_the_locked_answer_and_its_flops(checkpoint, model, capsys, backend):
+    argv = ["generate", "--model", str(checkpoint), "--prompt", "t5 t17 t3", *SCHEDULE,
+            "--lock-eps", "0.5", "--confidence-gate", "1.0", *backend]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == expected_answer(model, ["t5", "t17", "t3"], LockConfig(kl_threshold=0.5, confidence_gate=1.0))
+    ratio = float(re.search(r"locked at KL 0.5: FLOPs ratio ([0-9.]+)", err).group(1))
+    assert 0 < ratio < 1  # the prompt and early answer tokens locked
+
+
+def test_generate_with_a_backend_alone_decodes_densely(checkpoint, model, capsys):
+    argv = ["generate", "--model", str(checkpoint), "--prompt", "t5 t17 t3", *SCHEDULE, "--backend", "eager"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == expected_answer(model, ["t5", "t17", "t3"])
+    assert "FLOPs ratio" not in err
+
+
 def test_console_script(checkpoint, model):
     executable = shutil.which("surelock")
     assert executable, "the surelock console script is not installed (pip install -e .)"
@@ -96,6 +118,8 @@ ERROR_CASES = {
     "gen-length-not-multiple": (lambda ckpt, tmp: ["--model", str(ckpt), "--gen-length", "10"],
                                 r"gen_length \(10\) must be a multiple of block_length \(4\)"),
     "steps-zero": (lambda ckpt, tmp: ["--model", str(ckpt), "--steps", "0"], "steps must be a positive integer"),
+    "negative-lock-eps": (lambda ckpt, tmp: ["--model", str(ckpt), "--lock-eps", "-1"],
+                          r"kl_threshold must be >= 0, got -1"),
     "no-tokenizer": (lambda ckpt, tmp: ["--model", str(save_model(tiny_model(), tmp / "bare"))],
                      "bare has no tokenizer"),
 }
