@@ -66,6 +66,13 @@ def lock_config(args: argparse.Namespace, eps: float):
     return LockConfig(kl_threshold=eps, confidence_gate=args.confidence_gate, lock_prompt=not args.no_lock_prompt)
 
 
+def optimize_with_backend(model, args: argparse.Namespace):
+    """``optimize(model)`` with ``add_lock_arguments``' --backend (default eager)."""
+    from .optimize import optimize
+
+    return optimize(model, backend=args.backend or "eager")
+
+
 def resolve_device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -143,7 +150,6 @@ def run_generate(args: argparse.Namespace) -> int:
     ``optimize(model, --backend)`` with ``--lock-eps`` or ``--backend``), print it; a locked decode's
     FLOPs ratio and mean active fraction go to stderr."""
     from .models import load_config, load_model
-    from .optimize import optimize
     from .sampler import generate
 
     config = load_config(args.model)  # cheap checks first: directory, config.json
@@ -156,7 +162,7 @@ def run_generate(args: argparse.Namespace) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     lock = None if args.lock_eps is None else lock_config(args, args.lock_eps)
     if lock is not None or args.backend is not None:
-        model = optimize(model, backend=args.backend or "eager")
+        model = optimize_with_backend(model, args)
     out = generate(model, prompt_ids, lock=lock, gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
                    cfg_scale=args.cfg_scale, threshold=args.threshold, generator=generator, progress=True)

@@ -162,9 +162,8 @@ def _problems(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 def run_eval(args) -> int:
     """Decode fresh problems dense and locked; print and optionally save the comparison."""
     from . import tasks
-    from .cli import DTYPES, load_tokenizer, lock_config, resolve_device
+    from .cli import DTYPES, load_tokenizer, lock_config, optimize_with_backend, resolve_device
     from .models import load_model
-    from .optimize import optimize
 
     path = args.model or default_checkpoint()
     tokenizer = load_tokenizer(Path(path))
@@ -173,7 +172,7 @@ def run_eval(args) -> int:
     decode.update({k: v for k, v in (("gen_length", args.gen_length), ("steps", args.steps),
                                      ("block_length", args.block_length)) if v is not None})
     locks = [lock_config(args, eps) for eps in args.lock_eps]
-    optimized = optimize(model, backend=args.backend or "eager")
+    optimized = optimize_with_backend(model, args)
     rows = []
     for task in args.task or list(tasks.TASKS):
         for row in evaluate_locking(model, optimized, tokenizer, _problems(task, args.n, args.seed), locks,
