@@ -30,13 +30,15 @@ class FrozenInductor:
     """``torch.compile(gm, dynamic=True)`` whose compilations freeze the weights into the graph as
     constants, which lets inductor pack them for oneDNN (its CPU weight-packing pass picks oneDNN's
     packed GEMM for a dynamic row count). Dynamo reads inductor's ``freezing`` flag when it traces,
-    and any call with new shapes may trace, so the flag is set around every call, not globally."""
+    and any call with new shapes may trace, so the flag is set around every call, not globally; and
+    inductor freezes only what it compiles without autograd, so every call runs under no_grad (the
+    locked graph is for inference only)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.compiled = torch.compile(gm, dynamic=True)
 
     def __call__(self, *args, **kwargs):
-        with inductor_config.patch(freezing=True):
+        with inductor_config.patch(freezing=True), torch.no_grad():
             return self.compiled(*args, **kwargs)
 
 

@@ -110,11 +110,12 @@ def test_compiled_backends_match_reference_semantics(backend, packed):
                             seed=9, rows_packed=packed)
 
 
-def test_inductor_backend_packs_every_linear(model):
+@pytest.mark.parametrize("grad_mode", [torch.inference_mode, torch.enable_grad])  # generate's, and a direct call's
+def test_inductor_backend_packs_every_linear(model, grad_mode):
     from torch._dynamo.utils import counters
 
     gm = captured(model)
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
-    with torch.inference_mode():
+    with grad_mode():
         compile_graph(gm, "inductor")(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == counts(gm)[LINEAR]
