@@ -6,6 +6,7 @@ import time
 import torch
 from torch import fx
 from torch._inductor import config as inductor_config
+from torch.fx.experimental import _config as fx_config
 
 from .capture import capture
 from .export import backend_graphs, check_backend
@@ -27,18 +28,20 @@ FORMS = {"eager": (False, True), "inductor": (True, True), "onnxruntime": (True,
 
 
 class FrozenInductor:
-    """``torch.compile(gm, dynamic=True)`` whose compilations freeze the weights into the graph as
+    """``torch.compile(fn, dynamic=True)`` whose compilations freeze the weights (if any) into the graph as
     constants, which lets inductor pack them for oneDNN (its CPU weight-packing pass picks oneDNN's
     packed GEMM for a dynamic row count). Dynamo reads inductor's ``freezing`` flag when it traces,
     and any call with new shapes may trace, so the flag is set around every call, not globally; and
     inductor freezes only what it compiles without autograd, so every call runs under no_grad (the
-    locked graph is for inference only)."""
+    locked graph is for inference only). Duck sizing is off while tracing: a decode's first pass has
+    as many active rows as positions (M = N), and a graph traced with them sized as one symbol would be
+    compiled again, for M < N, on the next step."""
 
-    def __init__(self, gm: fx.GraphModule):
-        self.compiled = torch.compile(gm, dynamic=True)
+    def __init__(self, fn):
+        self.compiled = torch.compile(fn, dynamic=True)
 
     def __call__(self, *args, **kwargs):
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        with inductor_config.patch(freezing=True), fx_config.patch(use_duck_shape=False), torch.no_grad():
             return self.compiled(*args, **kwargs)
 
 
@@ -92,7 +95,7 @@ class OptimizedModel(torch.nn.Module):
             self.compiled_packed = compile_graph(locked, backend, packed=True) if padded and packed else None
         # The lock rule's full-vocabulary KL (a softmax and three reductions per candidate row):
         # inductor fuses them into one kernel.
-        self.kl = torch.compile(kl_divergence, dynamic=True) if backend == "inductor" else kl_divergence
+        self.kl = FrozenInductor(kl_divergence) if backend == "inductor" else kl_divergence
 
     @property
     def packed(self) -> bool:

@@ -10,7 +10,7 @@ from surelock_fx.reference import reference_generate
 from surelock_fx.runtime import LockedRunner, runs_packed
 from surelock_fx.sampler import DecodeStats
 
-from helpers import hf_llama_from_llada, tiny_model
+from helpers import captured, hf_llama_from_llada, locked_inputs, tiny_model
 
 MASK = 100
 
@@ -304,6 +304,21 @@ def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
     assert fast.stats.locked_counts == eager.stats.locked_counts
     assert 0 < fast.stats.packed_passes < fast.stats.forward_passes
     assert eager.stats.packed_passes == eager.stats.forward_passes
+
+
+def test_inductor_compiles_the_locked_graph_once_for_every_active_count(model):
+    """A decode's first pass has M = N active rows, its next ones fewer: one compiled graph serves them all
+    (no duck sizing of M with N, which would specialize the first graph to M = N)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    gm = captured(model)
+    frozen = compile_graph(gm, "inductor")
+    gen = torch.Generator().manual_seed(4)
+    with torch.inference_mode():
+        for active in ([9, 9], [6, 2], [3, 3]):
+            inputs = locked_inputs(gm, 9, active, gen)
+            torch.testing.assert_close(frozen(*inputs)[0], gm(*inputs)[0], rtol=1e-4, atol=1e-4)
+    assert len(_debug_get_cache_entry_list(frozen.compiled._orig_mod.forward.__code__)) == 1
 
 
 def decode_with_graphs(opt, prompt, graph, packed_graph, **kw):
