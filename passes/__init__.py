@@ -1,8 +1,13 @@
-"""Graph -> graph FX passes: pure functions of a GraphModule, no runtime state."""
+"""Graph -> graph FX passes: pure functions of a GraphModule, no runtime state (docs/DESIGN.md §5).
+
+One module per pass; ``pass_base`` holds what they share and ``pipeline`` the pipelines they run in.
+"""
 from .detach_full_attention_masks import detach_full_attention_masks
+from .pass_base import GraphPass, PassResult, graph_pass
 from .index_copy_cache_updates import index_copy_cache_updates
-from .lock_rows import CacheSpec, cache_specs, copy_graph_module, is_locked, lock_rows
-from .pack_rows import is_packed, pack_rows
+from .lock_rows import copy_graph_module, lock_rows
+from .pack_rows import pack_rows
+from .pipeline import run_pipeline
 from .prepack_linear_weights import prepack_linear_weights
 from .realize_reused_trig import realize_reused_trig
 from .remove_metadata_asserts import remove_metadata_asserts
@@ -10,19 +15,19 @@ from .row_analysis import UnsupportedGraphError, check_row_wise
 from .update_caches_in_place import update_caches_in_place
 
 __all__ = [
-    "CacheSpec",
+    "GraphPass",
+    "PassResult",
     "UnsupportedGraphError",
-    "cache_specs",
     "check_row_wise",
     "copy_graph_module",
     "detach_full_attention_masks",
+    "graph_pass",
     "index_copy_cache_updates",
-    "is_locked",
-    "is_packed",
     "lock_rows",
     "pack_rows",
     "prepack_linear_weights",
     "realize_reused_trig",
     "remove_metadata_asserts",
+    "run_pipeline",
     "update_caches_in_place",
 ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .row_analysis import SDPA, UnsupportedGraphError
+from surelock_fx.signature import SDPA
+
+from .pass_base import PassResult, graph_pass
+from .row_analysis import UnsupportedGraphError
 
 MASK_INDEX = 3
 
@@ -57,7 +60,8 @@ def _mask_values(gm: fx.GraphModule, masks: set[fx.Node]) -> dict[fx.Node, torch
     return values
 
 
-def detach_full_attention_masks(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def detach_full_attention_masks(gm: fx.GraphModule) -> PassResult:
     """Remove scaled_dot_product_attention masks that are computed from shapes alone and allow every key.
 
     Precondition: a flat ATen graph with example values in ``node.meta["val"]`` (torch.export).
@@ -67,7 +71,7 @@ def detach_full_attention_masks(gm: fx.GraphModule) -> fx.GraphModule:
     sdpas = [n for n in gm.graph.nodes if n.target is SDPA and _mask_arg(n) is not None]
     candidates = {_mask_arg(n) for n in sdpas if _is_shape_only(_mask_arg(n))}
     if not candidates:
-        return gm
+        return PassResult(gm, False)
     values = _mask_values(gm, candidates)
     for node in sdpas:
         mask = _mask_arg(node)
@@ -81,7 +85,4 @@ def detach_full_attention_masks(gm: fx.GraphModule) -> fx.GraphModule:
             node.args = node.args[:MASK_INDEX] + (None,) + node.args[MASK_INDEX + 1:]
         else:
             node.kwargs = {**node.kwargs, "attn_mask": None}
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return PassResult(gm, True)

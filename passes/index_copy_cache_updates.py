@@ -7,7 +7,9 @@ import operator
 import torch
 from torch import fx
 
-from .lock_rows import cache_specs, input_node, is_locked
+from surelock_fx.signature import ACTIVE_INDEX, cache_specs, input_node, is_cache_row_index, is_locked
+
+from .pass_base import PassResult, graph_pass
 from .update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
 aten = torch.ops.aten
@@ -26,43 +28,32 @@ def _flat_rows(graph: fx.Graph, active_index: fx.Node, cache: fx.Node, heads: in
     return call(aten.reshape.default, (rows, [-1]))
 
 
-def _rows_of_active_index(index: fx.Node, active_index: fx.Node) -> bool:
-    """Whether a scatter index is ``active_index`` [B, M] unsqueezed to [B, 1, M, 1] and expanded."""
-    if index.target is not aten.expand.default:
-        return False
-    inner = index.args[0]
-    if inner.target is not aten.unsqueeze.default or inner.args[1] != -1:
-        return False
-    inner = inner.args[0]
-    return inner.target is aten.unsqueeze.default and inner.args[1] == 1 and inner.args[0] is active_index
-
-
-def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass(after=("update_caches_in_place", "pack_rows"))
+def index_copy_cache_updates(gm: fx.GraphModule) -> PassResult:
     """Turn each ``scatter_`` (``scatter``) of active rows into a cache input into ``index_copy_``
     (``index_copy``) of those rows into the cache viewed as [B * H * (N + 1), D].
 
-    On CPU, ``index_copy_`` copies the rows 3-4x faster than ``scatter_`` copies their elements
-    (B=8, N=320, M=160, 8 heads of 64: 1.3 ms -> 0.3 ms, 16 times a pass); exported to ONNX, the
-    functional form is a ScatterND of D-wide slices, not a ScatterElements of single elements (ONNX
-    Runtime, B=1, N=M=1024, 16 caches: 50 -> 5 ms a pass). Preconditions: a locked graph whose
-    scatter index is ``active_index`` [B, M] expanded over heads and head_dim (as ``lock_rows`` emits
-    it), and contiguous cache inputs at run time (as the runtime allocates them). Padding rows write to
-    the scratch slot either way. Other graphs, and scatters with another index, are left unchanged.
-    Under inductor too: it compiles a scatter_ into a graph input as a scatter into a copy of the whole
-    cache and a copy back into the input (four passes over every cache per pass), index_copy_ in place.
+    On CPU, ``index_copy_`` copies whole rows where ``scatter_`` copies single elements; exported to ONNX,
+    the functional form is a ScatterND of D-wide slices, not a ScatterElements of single elements; under
+    inductor, a ``scatter_`` into a graph input compiles as a scatter into a copy of the whole cache and a
+    copy back, ``index_copy_`` in place. Preconditions: a locked graph whose scatter index is
+    ``signature.emit_cache_row_index`` of ``active_index`` (as ``lock_rows`` emits it), and contiguous cache
+    inputs at run time (as the runtime allocates them); it runs after ``update_caches_in_place`` and
+    ``pack_rows``, which look for the scatters. Padding rows write to the scratch slot either way. Other
+    graphs, and scatters with another index, are left unchanged.
     """
     if not is_locked(gm):
-        return gm
+        return PassResult(gm, False)
     device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device  # the inputs' too
     names = {spec.name: spec for spec in cache_specs(gm)}
-    active_index = input_node(gm.graph, "active_index")
+    active_index = input_node(gm.graph, ACTIVE_INDEX)
     rows_of: dict[int, fx.Node] = {}  # heads -> flat rows, shared by the caches of that many heads
     for node in list(gm.graph.nodes):
         if node.target not in (SCATTER, SCATTER_IN_PLACE) or node.args[0].name not in names:
             continue
         cache, dim, index, src = node.args
         spec = names[cache.name]
-        if dim != 2 or not _rows_of_active_index(index, active_index):
+        if dim != 2 or not is_cache_row_index(index, active_index):
             continue
         call = gm.graph.call_function
         with gm.graph.inserting_before(node):
@@ -78,7 +69,4 @@ def index_copy_cache_updates(gm: fx.GraphModule) -> fx.GraphModule:
                 updated = call(aten.view.default, (flat, [call(aten.sym_size.int, (cache, d)) for d in range(4)]))
         node.replace_all_uses_with(updated)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return PassResult(gm, bool(rows_of))

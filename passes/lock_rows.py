@@ -2,34 +2,18 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import operator
 
 import torch
 from torch import fx
 
-from .row_analysis import SDPA, check_row_wise, sequence_symbol, token_inputs
+from surelock_fx.signature import (ACTIVE_INDEX, CACHES_META, KEY_MASK, SDPA, CacheSpec, cache_name,
+                                   emit_cache_row_index, emit_row_gather, is_locked)
+
+from .pass_base import PassResult, graph_pass
+from .row_analysis import check_row_wise, sequence_symbol, token_inputs
 
 aten = torch.ops.aten
-META_KEY = "surelock_caches"
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    """One K or V cache: [batch, heads, seq + 1, head_dim]; the last slot is the scratch slot."""
-
-    name: str
-    heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-
-def is_locked(gm: fx.GraphModule) -> bool:
-    return META_KEY in gm.meta
-
-
-def cache_specs(gm: fx.GraphModule) -> list[CacheSpec]:
-    return gm.meta[META_KEY]
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -38,11 +22,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     new.meta.update(gm.meta)
     return new
-
-
-def input_node(graph: fx.Graph, name: str) -> fx.Node | None:
-    """The placeholder called ``name`` (an input such as ``active_index`` or ``key_mask``), or None."""
-    return next((n for n in graph.nodes if n.op == "placeholder" and n.name == name), None)
 
 
 class _Builder:
@@ -63,24 +42,16 @@ class _Builder:
     def inputs(self, tokens: list[fx.Node]) -> None:
         placeholders = [n for n in self.old.nodes if n.op == "placeholder"]
         new = {n: self.graph.placeholder(n.name) for n in placeholders}
-        self.active_index = self.graph.placeholder("active_index")
-        self.key_mask = self.graph.placeholder("key_mask")
+        self.active_index = self.graph.placeholder(ACTIVE_INDEX)
+        self.key_mask = self.graph.placeholder(KEY_MASK)
         for n in placeholders:
             self.env[n] = new[n]
         seq_len = self.call(aten.sym_size.int, new[tokens[0]], 1)
         last = self.call(operator.sub, seq_len, 1)
         gather_index = self.call(aten.clamp_max.default, self.active_index, last)
         for n in tokens:
-            self.env[n] = self._gather(new[n], gather_index, n.meta["val"])
-
-    def _gather(self, full: fx.Node, index: fx.Node, example: torch.Tensor) -> fx.Node:
-        """Rows ``index`` [B, M] of a [B, N, ...] input (trailing dims must be static)."""
-        trailing = [int(s) for s in example.shape[2:]]
-        for _ in trailing:
-            index = self.call(aten.unsqueeze.default, index, -1)
-        if trailing:
-            index = self.call(aten.expand.default, index, [-1, -1] + trailing)
-        return self.call(aten.gather.default, full, 1, index)
+            trailing = [int(s) for s in n.meta["val"].shape[2:]]  # must be static
+            self.env[n] = emit_row_gather(self.graph, new[n], gather_index, trailing)
 
     def _attention_bias(self, dtype: torch.dtype) -> fx.Node:
         """[B, 1, 1, N] additive attention mask of ``dtype`` from ``key_mask``: 0 where a key is attended
@@ -96,15 +67,13 @@ class _Builder:
     def _scatter_index(self, heads: int, head_dim: int) -> fx.Node:
         key = (heads, head_dim)
         if key not in self._index4:
-            index = self.call(aten.unsqueeze.default, self.active_index, 1)
-            index = self.call(aten.unsqueeze.default, index, -1)
-            self._index4[key] = self.call(aten.expand.default, index, [-1, heads, -1, head_dim])
+            self._index4[key] = emit_cache_row_index(self.graph, self.active_index, heads, head_dim)
         return self._index4[key]
 
     def cached(self, node: fx.Node, kind: str) -> fx.Node:
         """Scatter the active rows of K or V into a new cache input; return the N-row view attention reads."""
         val = node.meta["val"]
-        spec = CacheSpec(f"{kind}_cache_{len(self.specs) // 2}", int(val.shape[1]), int(val.shape[3]), val.dtype)
+        spec = CacheSpec(cache_name(kind, len(self.specs) // 2), int(val.shape[1]), int(val.shape[3]), val.dtype)
         self.specs.append(spec)
         cache = self.graph.placeholder(spec.name)
         updated = self.call(aten.scatter.src, cache, 2, self._scatter_index(spec.heads, spec.head_dim), self.env[node])
@@ -121,19 +90,21 @@ class _Builder:
         return self.call(SDPA, self.env[q], key, value, bias, **kwargs)
 
 
-def lock_rows(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def lock_rows(gm: fx.GraphModule) -> PassResult:
     """Rewrite a dense graph into its locked form: gather active rows, scatter K/V into caches.
 
     Precondition: a flat ATen graph captured with a symbolic sequence length (surelock_fx.capture),
     whose every op is row-wise except mask-free, non-causal scaled_dot_product_attention
-    (check_row_wise proves it or names the offending node). The result takes the original inputs,
-    then ``active_index`` [B, M] (positions to compute; padding rows hold N, the scratch slot),
-    ``key_mask`` [B, N] (bool, False for padding keys) and one cache [B, H, N + 1, D] per K and V
-    of each attention, and returns the original outputs on the M rows followed by the updated caches.
-    A graph that is already locked is returned unchanged.
+    (check_row_wise proves it or names the offending node). The result has the signature of
+    docs/DESIGN.md §4 (``surelock_fx.signature``): the original inputs, then ``active_index`` [B, M]
+    (positions to compute; padding rows hold N, the scratch slot), ``key_mask`` [B, N] (bool, False for
+    padding keys) and one cache [B, H, N + 1, D] per K and V of each attention; it returns the original
+    outputs on the M rows followed by the updated caches. A graph that is already locked is returned
+    unchanged.
     """
     if is_locked(gm):
-        return gm
+        return PassResult(gm, False)
     check_row_wise(gm)
     seq = sequence_symbol(gm)
     builder = _Builder(gm)
@@ -151,8 +122,5 @@ def lock_rows(gm: fx.GraphModule) -> fx.GraphModule:
         else:
             builder.env[node] = builder.graph.node_copy(node, lambda n: builder.env[n])
     new_gm = fx.GraphModule(gm, builder.graph)
-    new_gm.meta[META_KEY] = builder.specs
-    new_gm.graph.eliminate_dead_code()
-    new_gm.graph.lint()
-    new_gm.recompile()
-    return new_gm
+    new_gm.meta[CACHES_META] = builder.specs
+    return PassResult(new_gm, True)

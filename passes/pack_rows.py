@@ -4,26 +4,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .lock_rows import cache_specs, input_node, is_locked
-from .row_analysis import SDPA
+from surelock_fx.signature import (ACTIVE_INDEX, KEY_MASK, PACKED_ROWS, SDPA, UNPACK_INDEX, cache_specs, input_node,
+                                   is_locked, is_packed, is_row_gather)
+
+from .pass_base import PassResult, graph_pass
 from .update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
 aten = torch.ops.aten
-PACKED_ROWS, UNPACK_INDEX = "packed_rows", "unpack_index"
-
-
-def is_packed(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` is pack_rows' output (it takes ``packed_rows``)."""
-    return input_node(gm.graph, PACKED_ROWS) is not None
-
-
-def _token_gathers(graph: fx.Graph, active_index: fx.Node) -> list[fx.Node]:
-    """The gathers of token inputs along dim 1 whose index is built from ``active_index`` (lock_rows' inputs)."""
-    def from_active_index(node) -> bool:
-        return node is active_index or (isinstance(node, fx.Node) and node.op == "call_function"
-                                        and any(from_active_index(a) for a in node.all_input_nodes))
-    return [n for n in graph.nodes if n.target is aten.gather.default and n.args[0].op == "placeholder"
-            and n.args[1] == 1 and from_active_index(n.args[2])]
 
 
 def _reroute(graph: fx.Graph, node: fx.Node, convert) -> None:
@@ -65,14 +52,15 @@ class _Packer:
         return self.call(aten.transpose.int, self.call(aten.unsqueeze.default, packed, 0), 1, 2)
 
 
-def pack_rows(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def pack_rows(gm: fx.GraphModule) -> PassResult:
     """Compute the row-wise part of a locked graph on the active index's real entries only, as one
     batch row of R rows; attention and the cache writes see them unpacked to [B, M].
 
     A batch whose rows have different active counts then computes no padding rows in its projections,
     FFN and LM head (attention still runs the B x M queries, a small share of the FLOPs).
-    Precondition: a locked graph as ``lock_rows`` emits it (token inputs gathered along dim 1 by an
-    index built from ``active_index``; cache scatters, functional or in place, and attention on
+    Precondition: a locked graph as ``lock_rows`` emits it (token inputs gathered by
+    ``signature.emit_row_gather`` of an index built from ``active_index``; cache scatters, functional or in place, and attention on
     [batch, heads, rows, head_dim]). Two inputs follow ``key_mask``: ``packed_rows`` [R], the flat
     entries b * M + j of ``active_index`` that are real rows (< N), in order, and ``unpack_index``
     [B, M], each entry's place among them (padding entries: any real row), as
@@ -80,12 +68,14 @@ def pack_rows(gm: fx.GraphModule) -> fx.GraphModule:
     or already packed, are returned unchanged.
     """
     if not is_locked(gm) or is_packed(gm):
-        return gm
+        return PassResult(gm, False)
     graph = gm.graph
-    key_mask, active_index = input_node(graph, "key_mask"), input_node(graph, "active_index")
+    key_mask, active_index = input_node(graph, KEY_MASK), input_node(graph, ACTIVE_INDEX)
+    gathers = [n for n in graph.nodes if is_row_gather(n, active_index)]
+    if not gathers:
+        return PassResult(gm, False)
     with graph.inserting_before(key_mask.next):
         packed, unpack = graph.placeholder(PACKED_ROWS), graph.placeholder(UNPACK_INDEX)
-    gathers = _token_gathers(graph, active_index)
     with graph.inserting_before(gathers[0]):
         packer = _Packer(graph, active_index, packed, unpack)
     for gather in gathers:
@@ -99,7 +89,4 @@ def pack_rows(gm: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_before(node):
                 node.update_arg(0, packer.unpack_heads(node.args[0]))
             _reroute(graph, node, packer.pack_heads)
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
-    return gm
+    return PassResult(gm, True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .pass_base import PassResult, graph_pass
+
 aten = torch.ops.aten
 TRIG = (aten.cos.default, aten.sin.default)
 
@@ -38,7 +40,8 @@ def _table(trig: fx.Node) -> fx.Node | None:
     return node if len(node.users) > 1 else None
 
 
-def realize_reused_trig(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def realize_reused_trig(gm: fx.GraphModule) -> PassResult:
     """Route every cos and sin that several ops read (directly, or rescaled first) through ``REALIZE``.
 
     Inductor inlines a pointwise node into each of its readers unless it deems it heavy, and cos,
@@ -56,7 +59,4 @@ def realize_reused_trig(gm: fx.GraphModule) -> fx.GraphModule:
         if "val" in table.meta:
             realized.meta["val"] = table.meta["val"]
         table.replace_all_uses_with(realized, delete_user_cb=lambda user: user is not realized)
-    graph.eliminate_dead_code()
-    graph.lint()
-    gm.recompile()
-    return gm
+    return PassResult(gm, bool(tables))

@@ -4,17 +4,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .pass_base import PassResult, graph_pass
+
 ASSERTS = (torch.ops.aten._assert_tensor_metadata.default,)
 
 
-def remove_metadata_asserts(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def remove_metadata_asserts(gm: fx.GraphModule) -> PassResult:
     """Erase ``_assert_tensor_metadata`` nodes so the graph runs on any device and dtype.
 
     Precondition: none; a graph without such nodes is returned unchanged.
     """
-    for node in [n for n in gm.graph.nodes if n.target in ASSERTS]:
+    asserts = [n for n in gm.graph.nodes if n.target in ASSERTS]
+    for node in asserts:
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return PassResult(gm, bool(asserts))

@@ -13,8 +13,9 @@ import operator
 import torch
 from torch import fx
 
+from surelock_fx.signature import SDPA
+
 aten = torch.ops.aten
-SDPA = aten.scaled_dot_product_attention.default
 MAX_INDEX = 2**62
 
 # Ops that move or copy elements without mixing rows: a row stays a row wherever it lands.

@@ -4,13 +4,16 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .lock_rows import cache_specs, is_locked
+from surelock_fx.signature import cache_specs, is_locked
+
+from .pass_base import PassResult, graph_pass
 
 SCATTER = torch.ops.aten.scatter.src
 SCATTER_IN_PLACE = torch.ops.aten.scatter_.src
 
 
-def update_caches_in_place(gm: fx.GraphModule) -> fx.GraphModule:
+@graph_pass
+def update_caches_in_place(gm: fx.GraphModule) -> PassResult:
     """Turn each functional ``scatter`` of a cache input into ``scatter_`` on that input.
 
     The locked graph (``lock_rows``) writes the M active rows of K and V into a copy of each cache
@@ -22,15 +25,14 @@ def update_caches_in_place(gm: fx.GraphModule) -> fx.GraphModule:
     not for export (export the functional graph).
     """
     if not is_locked(gm):
-        return gm
+        return PassResult(gm, False)
     names = {spec.name for spec in cache_specs(gm)}
+    modified = False
     for node in gm.graph.nodes:
         if node.op != "placeholder" or node.name not in names or len(node.users) != 1:
             continue
         (user,) = node.users
         if user.target is SCATTER and user.args[0] is node:
             user.target = SCATTER_IN_PLACE
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+            modified = True
+    return PassResult(gm, modified)

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from surelock_fx.passes import detach_full_attention_masks, remove_metadata_asserts
+from .passes.pipeline import CAPTURE, run_pipeline
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 
@@ -50,5 +50,4 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
     for node in list(gm.graph.nodes):  # export's input-guard module is not part of the computation
         if node.op == "call_module" and not node.users:
             gm.graph.erase_node(node)
-    gm = remove_metadata_asserts(gm)
-    return detach_full_attention_masks(gm)
+    return run_pipeline(gm, CAPTURE)

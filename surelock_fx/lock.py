@@ -1,4 +1,4 @@
-"""The SureLock lock policy (DESIGN §1) and the per-decode lock state it updates.
+"""The SureLock lock rule (docs/DESIGN.md §7) and the per-decode lock state it updates.
 
 The state is shared by the compiled runtime and the dense reference semantics, so both lock
 exactly the same positions given the same logits.
@@ -45,42 +45,15 @@ class LockConfig:
             raise ValueError(f"confidence_gate must be a fraction in (0, 1], got {self.confidence_gate}")
 
 
-def active_index(locked: torch.Tensor, bucket: int = 1, full_from: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, M] positions of unlocked rows in order, padded with N; [B] active counts).
-
-    M is the largest active count rounded up to a multiple of ``bucket`` (at most N); if that is at
-    least ``full_from * N``, M is N (the crossover to a full-width step: same rows computed, padding
-    to the scratch slot, one graph shape for all nearly dense steps).
-    """
-    B, N = locked.shape
-    counts = (~locked).sum(dim=1)
-    M = min(N, -(-max(int(counts.max()), 1) // bucket) * bucket)
-    if M >= full_from * N:
-        M = N
-    order = torch.sort(locked.to(torch.uint8), dim=1, stable=True).indices[:, :M]
-    padding = torch.arange(M, device=locked.device)[None, :] >= counts[:, None]
-    return order.masked_fill(padding, N), counts
-
-
-def pack_index(index: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``packed_rows`` [R], ``unpack_index`` [B, M]) of an active index [B, M] over ``seq`` positions, for
-    a packed graph (``passes.pack_rows``): the flat entries b * M + j that are real rows (< seq), in
-    order, and each entry's place among them (padding entries: the real row before them, or the first).
-    Without real rows, the first entry runs (R = 1): a pass computes at least one row."""
-    real = (index < seq).flatten()
-    rows = real.nonzero().squeeze(1)
-    if not len(rows):
-        rows = rows.new_zeros(1)
-    return rows, (real.cumsum(0) - 1).clamp_min_(0).view_as(index)
-
-
 class LockState:
     """Lock mask of one decode and the logits of its latest pass, compact (the active rows only): the
     KL rule's previous logits, and what a runner hands the sampler. Per-position tensors carry a
     scratch column N where padding rows of an active index land.
 
-    Locking is monotone, so every row active in a pass was active in the pass before (if any), and a
-    KL candidate's previous logits are among the latest pass's rows: no [B, N, V] buffer is kept.
+    A KL candidate is a row computed in both the new and the latest pass, so its previous logits are
+    among the latest pass's rows: no [B, N, V] buffer is kept. (The lock rule alone locks monotonically;
+    a ``runtime.LockSchedule`` may set any mask, and a row it leaves out of a pass is no candidate in
+    the next one.)
     """
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,

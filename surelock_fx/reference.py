@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .lock import LockConfig, LockState, active_index
-from .sampler import DecodeStats, model_forward, special_ids
+from .lock import LockConfig, LockState
+from .sampler import DecodeStats, generate, model_forward, special_ids
+from .signature import active_index
 
 
 class ReplaceLockedKV(TorchFunctionMode):
@@ -63,15 +64,18 @@ class ReferenceRunner:
         return logits
 
 
+class ReferenceModel:
+    """A ``sampler.Decodable`` that decodes ``model`` with locking by the dense reference semantics."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+
+    def decode_runner(self, lock: LockConfig | None, stats: DecodeStats, schedule=None) -> ReferenceRunner:
+        if schedule is not None:
+            raise ValueError("the reference semantics lock by the lock rule only; it takes no schedule")
+        return ReferenceRunner(self.model, lock, stats)
+
+
 def reference_generate(model, prompt_ids, *, lock: LockConfig | None, **kwargs):
     """``generate`` with locking applied by the dense reference semantics."""
-    from .sampler import generate
-
-    class _Reference:
-        config = model.config
-
-        @staticmethod
-        def decode_runner(lock_config, stats):
-            return ReferenceRunner(model, lock_config, stats)
-
-    return generate(_Reference(), prompt_ids, lock=lock, **kwargs)
+    return generate(ReferenceModel(model), prompt_ids, lock=lock, **kwargs)

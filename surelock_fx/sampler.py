@@ -1,16 +1,17 @@
-"""The LLaDA reference sampler (DESIGN §2), with Fast-dLLM threshold decoding.
+"""The LLaDA reference sampler (docs/DESIGN.md §2), with Fast-dLLM threshold decoding.
 
 ``generate`` only sees a forward function ``(x [B, N], attention_mask) -> logits``: for a plain
-model that is its forward, returning [B, N, V]; for an optimized model it is a locked-decode runner
-that keeps its own lock state and caches (see ``surelock_fx.runtime``) and returns the logits of the
-rows it computed (``RowLogits``). The sampler is the same for both: it reads masked positions only.
+model that is its forward, returning [B, N, V]; for a ``Decodable`` (an optimized model, the dense
+reference semantics) it is the runner its ``decode_runner`` makes, which keeps its own lock state and
+caches (see ``surelock_fx.runtime``) and returns the logits of the rows it computed (``RowLogits``). The
+sampler is the same for both: it reads masked positions only.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ class DecodeStats:
     locked_counts: list[int] = dataclasses.field(default_factory=list)
     flops_dense: float | None = None
     flops_locked: float | None = None
+    flops_computed: float | None = None  # what the locked graph computed, padding included
     unmask_step: torch.Tensor | None = None  # [B, N]: step that committed each position, -1 for the prompt
     lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, locked_logits)
 
@@ -79,6 +81,16 @@ class RowLogits:
         known = self.row >= 0
         dense[known] = self.rows[self.row[known]]
         return dense
+
+
+@runtime_checkable
+class Decodable(Protocol):
+    """What ``generate`` decodes through a runner: a model ``config`` and ``decode_runner(lock, stats,
+    schedule)``, the forward function of one decode (``schedule``: a ``runtime.LockSchedule`` or None)."""
+
+    config: object
+
+    def decode_runner(self, lock, stats: "DecodeStats", schedule=None) -> Forward: ...
 
 
 @dataclasses.dataclass
@@ -346,11 +358,13 @@ def select_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor
 def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", cfg_scale=0.0, threshold=None, logits_eos_inf=False,
              confidence_eos_eot_inf=False, attention_mask=None, generator=None, progress=False,
-             lock=None) -> GenerateOutput:
+             lock=None, schedule=None) -> GenerateOutput:
     """Decode ``gen_length`` tokens after ``prompt_ids`` [B, P] with LLaDA's sampler.
 
-    ``model`` is a plain model (dense decode) or the result of ``surelock_fx.optimize`` (locked
-    decode when ``lock`` is a LockConfig, its rewritten graph with nothing locked when ``lock`` is None).
+    ``model`` is a plain model (dense decode) or a ``Decodable`` such as the result of
+    ``surelock_fx.optimize`` (locked decode when ``lock`` is a LockConfig, its rewritten graph with nothing
+    locked when ``lock`` is None). ``schedule``: a ``runtime.LockSchedule`` deciding which rows each pass
+    skips instead of the lock rule (replaying a recorded decode; needs a Decodable).
     """
     config = model.config
     mask_id, eos, eot = special_ids(config)
@@ -361,7 +375,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
                         block_length=block_length, temperature=temperature, remasking=remasking,
                         cfg_scale=cfg_scale, threshold=threshold, mask_id=mask_id, vocab=vocab_size(config))
     stats = DecodeStats()
-    forward = decode_forward(model, lock, stats)
+    forward = decode_forward(model, lock, stats, schedule)
     B, P = prompt_ids.shape
     device = prompt_ids.device
     with torch.inference_mode():  # every step's input an inference tensor: one compiled graph serves all
@@ -405,12 +419,11 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
     return GenerateOutput(tokens=x, stats=stats)
 
 
-def decode_forward(model, lock, stats: DecodeStats) -> Forward:
-    """The forward function a decode runs: the model's own, or its optimized runner's."""
-    runner_factory = getattr(model, "decode_runner", None)
-    if runner_factory is not None:
-        return runner_factory(lock, stats)
-    if lock is not None:
+def decode_forward(model, lock, stats: DecodeStats, schedule=None) -> Forward:
+    """The forward function a decode runs: a Decodable's runner, or a plain model's own forward."""
+    if isinstance(model, Decodable):
+        return model.decode_runner(lock, stats, schedule)
+    if lock is not None or schedule is not None:
         raise ValueError(
             "locking needs an optimized model: call surelock_fx.optimize(model) and pass its result to generate()"
         )

@@ -17,9 +17,13 @@ from torch.utils._sympy.numbers import int_oo
 
 import surelock_fx
 from surelock_fx import export as ex
+from surelock_fx.backends import OrtLockedGraph
+from surelock_fx.export import tensorrt as tensorrt_export
+from surelock_fx.signature import input_names
+from surelock_fx.cli import export as cli_export
 from surelock_fx.cli import main
 from surelock_fx.models import save_model
-from surelock_fx.passes import cache_specs
+from surelock_fx.signature import cache_specs
 
 from helpers import run_locked, tiny_model
 
@@ -76,7 +80,7 @@ def _range(program, size):
 
 def test_example_inputs_follow_graph_inputs(optimized):
     gm = optimized.graph_module
-    names = ex.input_names(gm)
+    names = input_names(gm)
     assert names[:4] == ["input_ids", "position_ids", "active_index", "key_mask"]
     assert names[4:] == [s.name for s in cache_specs(gm)]
     assert list(ex.input_shapes(gm, 2, 8, 3)) == names
@@ -129,7 +133,7 @@ def test_tensorrt_ranges_and_input_specs(optimized):
     assert ranges == {"batch": ex.DimRange(1, 2, 4), "seq": ex.DimRange(16, 128, 256), "active": ex.DimRange(1, 64, 96)}
     assert ex.tensorrt_ranges(seq=512)["active"] == ex.DimRange(1, 256, 512)
     specs = {s["name"]: s for s in ex.tensorrt_input_specs(optimized, ranges)}
-    assert list(specs) == ex.input_names(optimized.graph_module)
+    assert list(specs) == input_names(optimized.graph_module)
     assert specs["active_index"] == dict(name="active_index", dtype=torch.long, min_shape=(1, 1),
                                          opt_shape=(2, 64), max_shape=(4, 96))
     assert specs["key_mask"]["dtype"] is torch.bool and specs["key_mask"]["max_shape"] == (4, 256)
@@ -159,13 +163,13 @@ def test_loaded_tensorrt_engines_run_padded(model, optimized, monkeypatch, tmp_p
     """load_tensorrt's model feeds its engines the padded graph's inputs (they take no packing inputs),
     with a stand-in for torch_tensorrt.load: the eager backend's padded graph, which has the engines'
     signature."""
-    from surelock_fx.optimize import compile_graph
+    from surelock_fx.backends import get_backend
 
-    engines = compile_graph(optimized.graph_module, "eager", packed=False)
+    engines = get_backend("eager").compile(optimized.graph_module, packed=False)
     program = types.SimpleNamespace(module=lambda: engines)
-    monkeypatch.setattr(ex, "require_tensorrt", lambda: types.SimpleNamespace(load=lambda path: program))
-    loaded = ex.load_tensorrt(tmp_path, model)
-    assert loaded.backend == "tensorrt" and not loaded.packed and loaded.compiled is engines
+    monkeypatch.setattr(tensorrt_export, "require_tensorrt", lambda: types.SimpleNamespace(load=lambda path: program))
+    loaded = surelock_fx.load_tensorrt(tmp_path, model)
+    assert loaded.backend == "tensorrt" and loaded.forms.packed is None and loaded.forms.padded is engines
     prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
     got = surelock_fx.generate(loaded, prompt, lock=LOCK, **DECODE)
     want = surelock_fx.generate(optimized, prompt, lock=LOCK, **DECODE)
@@ -183,7 +187,7 @@ def test_tensorrt_missing_is_a_clear_error(model, optimized, tmp_path):
     if not torch.cuda.is_available():
         assert "CUDA" in message
     with pytest.raises(ex.TensorRTUnavailableError):
-        ex.load_tensorrt(tmp_path, model)
+        surelock_fx.load_tensorrt(tmp_path, model)
     with pytest.raises(ex.TensorRTUnavailableError):
         surelock_fx.optimize(model, backend="tensorrt", max_active=32, seq=(2, 32, 64))
 
@@ -199,7 +203,7 @@ def test_tensorrt_without_cuda_names_cuda(monkeypatch):
 # --- ONNX and ONNX Runtime ----------------------------------------------------------------------
 
 def test_onnx_file_has_named_dims_cache_io_and_external_data(ort_model):
-    path = ort_model.compiled.path
+    path = ort_model.forms.padded.path
     assert path.name == "model.onnx"
     proto = onnx.load(str(path), load_external_data=False)
 
@@ -255,7 +259,7 @@ def test_onnx_matches_eager_locked_graph(ort_model, B, N, M, packed):
     args, counts = _random_inputs(gm, B, N, M, seed=B * 100 + N * 10 + M)
     with torch.no_grad():
         want = gm(*args)
-    logits, caches = run_locked(ort_model.compiled_packed if packed else ort_model.compiled, args, packed)
+    logits, caches = run_locked(ort_model.forms.packed if packed else ort_model.forms.padded, args, packed)
     got = (logits, *caches)  # packed: padding entries get some real row's logits, not compared
     assert len(got) == len(want)
     for row, count in enumerate(counts):
@@ -266,12 +270,12 @@ def test_onnx_matches_eager_locked_graph(ort_model, B, N, M, packed):
 
 def test_onnxruntime_backend_decodes_like_eager(model, optimized, ort_model):
     """Through both ONNX graphs: the padded one, and the packed one on steps with enough padding."""
-    assert ort_model.backend == "onnxruntime" and isinstance(ort_model.compiled, ex.OrtLockedGraph)
+    assert ort_model.backend == "onnxruntime" and isinstance(ort_model.forms.padded, OrtLockedGraph)
     prompt = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(7))
     want = surelock_fx.generate(optimized, prompt, lock=LOCK, **DECODE)
     got = surelock_fx.generate(ort_model, prompt, lock=LOCK, **DECODE)
     assert 0 < got.stats.packed_passes < got.stats.forward_passes
-    assert isinstance(ort_model.compiled_packed.graph, ex.OrtLockedGraph)  # exported on its first call
+    assert isinstance(ort_model.forms.packed.graph, OrtLockedGraph)  # exported on its first call
     assert torch.equal(got.tokens, want.tokens)
     assert got.stats.active_counts == want.stats.active_counts
     assert min(got.stats.active_counts) < 2 * (prompt.shape[1] + DECODE["gen_length"])  # rows were locked
@@ -303,14 +307,14 @@ def stub_optimize(monkeypatch):
         seen["model"] = model
         return "optimized"
 
-    monkeypatch.setattr(sys.modules["surelock_fx.optimize"], "optimize", optimize)
+    monkeypatch.setattr(cli_export, "optimize", optimize)
     return seen
 
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_cli_export_onnx(checkpoint, model, tmp_path, stub_optimize, monkeypatch, capsys, packed):
     calls = []
-    monkeypatch.setattr(ex, "export_onnx",
+    monkeypatch.setattr(cli_export, "export_onnx",
                         lambda optimized, out, packed: calls.append((optimized, out, packed)) or out / "model.onnx")
     code = main(["export", "--model", str(checkpoint), "--format", "onnx", "--out", str(tmp_path),
                  "--device", "cpu", "--dtype", "float16"] + ["--packed"] * packed)
@@ -336,8 +340,8 @@ def test_cli_export_tensorrt(checkpoint, tmp_path, stub_optimize, monkeypatch, c
         assert err.startswith("error: TensorRT export needs") and "\n" not in err.strip()
         assert "model" not in stub_optimize
     calls = []
-    monkeypatch.setattr(ex, "require_tensorrt", lambda: None)
-    monkeypatch.setattr(ex, "export_tensorrt", lambda optimized, out, **kw: calls.append((optimized, out, kw)) or out)
+    monkeypatch.setattr(cli_export, "require_tensorrt", lambda: None)
+    monkeypatch.setattr(cli_export, "export_tensorrt", lambda optimized, out, **kw: calls.append((optimized, out, kw)) or out)
     assert main(argv) == 0
     assert calls == [("optimized", tmp_path / "e.ep", dict(min_active=1, opt_active=None, max_active=128,
                                                            batch=(1, 2, 4), seq=(8, 64, 128)))]

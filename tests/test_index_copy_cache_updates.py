@@ -6,8 +6,10 @@ import re
 import pytest
 import torch
 
-from surelock_fx.optimize import compile_graph, copy_graph_module
-from surelock_fx.passes import cache_specs, index_copy_cache_updates, update_caches_in_place
+from surelock_fx.backends import get_backend
+from surelock_fx.passes import copy_graph_module
+from surelock_fx.passes import index_copy_cache_updates, update_caches_in_place
+from surelock_fx.signature import cache_specs
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY, INDEX_COPY_FUNCTIONAL
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
@@ -93,7 +95,7 @@ def test_inductor_writes_the_cache_rows_in_place(locked):
     expected = locked(*inputs[:4], *[c.clone() for c in caches])  # the functional graph
     torch._dynamo.reset()
     with torch.inference_mode():
-        out, code = run_and_get_code(compile_graph(locked, "inductor"), *inputs)
+        out, code = run_and_get_code(get_backend("inductor").compile(locked), *inputs)
     # inductor names its kernels after the ops they fuse: the cache rows are index-copied, not scattered
     kernels = set(re.findall(r"cpp_fused_(\w+)_\d+\(", "\n".join(code)))
     assert kernels and not any("scatter" in k for k in kernels) and any("index_copy" in k for k in kernels)

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 import surelock_fx
-from surelock_fx.lock import LockConfig, LockState, active_index, kl_divergence, log_sum_exp
-from surelock_fx.optimize import compile_graph
-from surelock_fx.passes import cache_specs
+from surelock_fx.lock import LockConfig, LockState, kl_divergence, log_sum_exp
+from surelock_fx.signature import active_index
+from surelock_fx.backends import get_backend
+from surelock_fx.signature import cache_specs
 from surelock_fx.reference import reference_generate
-from surelock_fx.runtime import LockedRunner, runs_packed
+from surelock_fx.runtime import LockedForms, LockedRunner, runs_packed
 from surelock_fx.sampler import DecodeStats
 
 from helpers import captured, hf_llama_from_llada, locked_inputs, tiny_model
@@ -80,24 +81,17 @@ def test_packed_decode_computes_only_the_real_rows(model, optimized):
     B x M, and the decode still equals the reference semantics."""
     calls = []
 
-    class Recording:
-        config = model.config
+    graph = optimized.forms.packed
 
-        @staticmethod
-        def decode_runner(lock, stats):
-            runner = optimized.decode_runner(lock, stats)
-            graph = runner.packed_graph
+    def recording(x, positions, index, key_mask, packed_rows, *rest):
+        calls.append((len(packed_rows), index.numel()))
+        return graph(x, positions, index, key_mask, packed_rows, *rest)
 
-            def recording(x, positions, index, key_mask, packed_rows, *rest):
-                calls.append((len(packed_rows), index.numel()))
-                return graph(x, positions, index, key_mask, packed_rows, *rest)
-
-            runner.packed_graph = recording
-            return runner
+    recorded = optimized.with_forms(LockedForms(None, recording))
 
     p = prompts(3, 5, seed=11)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
-    fast = surelock_fx.generate(Recording(), p, **kw)
+    fast = surelock_fx.generate(recorded, p, **kw)
     assert torch.equal(fast.tokens, reference_generate(model, p, **kw).tokens)
     assert [rows for rows, _ in calls] == fast.stats.active_counts
     assert any(rows < entries for rows, entries in calls)
@@ -312,7 +306,7 @@ def test_inductor_compiles_the_locked_graph_once_for_every_active_count(model):
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     gm = captured(model)
-    frozen = compile_graph(gm, "inductor")
+    frozen = get_backend("inductor").compile(gm)
     gen = torch.Generator().manual_seed(4)
     with torch.inference_mode():
         for active in ([9, 9], [6, 2], [3, 3]):
@@ -333,33 +327,26 @@ def decode_with_graphs(opt, prompt, graph, packed_graph, **kw):
             return run(x, positions, index, *rest)
         return call if run is not None else None
 
-    class Model:
-        config = opt.config
-
-        @staticmethod
-        def decode_runner(lock, stats):
-            return LockedRunner(recording("padded", graph), cache_specs(opt.graph_module), opt.config, opt.flops,
-                                lock, stats, packed_graph=recording("packed", packed_graph))
-
-    return surelock_fx.generate(Model(), prompt, **kw), passes
+    forms = LockedForms(recording("padded", graph), recording("packed", packed_graph))
+    return surelock_fx.generate(opt.with_forms(forms), prompt, **kw), passes
 
 
 def test_runner_runs_the_packed_graph_exactly_where_padding_pays(optimized):
     """Holding both forms of the locked graph, a runner runs the packed one on the steps whose padding
     reaches PACK_FROM, and decodes the tokens either form decodes alone."""
-    padded = compile_graph(optimized.graph_module, "eager")
-    packed = compile_graph(optimized.graph_module, "eager", packed=True)
+    padded = get_backend("eager").compile(optimized.graph_module)
+    packed = get_backend("eager").compile(optimized.graph_module, packed=True)
     p = prompts(3, 5, seed=21)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
     both, passes = decode_with_graphs(optimized, p, padded, packed, **kw)
-    assert [form == "packed" for form, _, _ in passes] == [runs_packed((True, True), n, real) for _, n, real in passes]
+    assert [form == "packed" for form, _, _ in passes] == [runs_packed(True, True, n, real) for _, n, real in passes]
     assert 0 < both.stats.packed_passes < len(passes) == both.stats.forward_passes
     for alone in (dict(graph=padded, packed_graph=None), dict(graph=None, packed_graph=packed)):
         out, _ = decode_with_graphs(optimized, p, **alone, **kw)
         assert torch.equal(out.tokens, both.tokens)
         assert out.stats.locked_counts == both.stats.locked_counts
     with pytest.raises(ValueError, match="needs a graph"):
-        LockedRunner(None, [], optimized.config, optimized.flops, None, DecodeStats())
+        LockedForms(None, None)
 
 
 def test_confidence_gate_keeps_only_the_most_confident():

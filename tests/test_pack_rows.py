@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from surelock_fx.lock import pack_index
-from surelock_fx.optimize import copy_graph_module
-from surelock_fx.passes import cache_specs, is_packed, pack_rows, update_caches_in_place
-from surelock_fx.passes.row_analysis import SDPA
+from surelock_fx.signature import pack_index
+from surelock_fx.passes import copy_graph_module
+from surelock_fx.passes import pack_rows, update_caches_in_place
+from surelock_fx.signature import cache_specs, is_packed
+from surelock_fx.signature import SDPA
 
 from helpers import assert_unchanged_by, captured, counts, locked_inputs, run_locked, shared_tiny_model
 

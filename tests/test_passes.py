@@ -6,10 +6,8 @@ import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from surelock_fx.capture import capture
-from surelock_fx.lock import active_index
-from surelock_fx.passes import (UnsupportedGraphError, cache_specs, detach_full_attention_masks, lock_rows,
-                                remove_metadata_asserts)
-from surelock_fx.passes.row_analysis import SDPA
+from surelock_fx.passes import UnsupportedGraphError, detach_full_attention_masks, lock_rows, remove_metadata_asserts
+from surelock_fx.signature import SDPA, active_index, cache_specs
 from surelock_fx.reference import ReplaceLockedKV
 from surelock_fx.sampler import model_forward
 

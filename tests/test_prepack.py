@@ -1,14 +1,15 @@
-"""prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unpacked graph,
-and the compiled backends (eager with packed weights, inductor with frozen ones) against the locking semantics."""
+"""prepack_linear_weights: graph structure, idempotence, no-op cases, numerics against the unprepacked graph,
+and the compiled backends (eager with prepacked weights, inductor with frozen ones) against the locking semantics."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from surelock_fx.capture import capture
-from surelock_fx.optimize import compile_graph, copy_graph_module
+from surelock_fx.backends import get_backend
+from surelock_fx.passes import copy_graph_module
 from surelock_fx.passes import prepack_linear_weights
-from surelock_fx.passes.prepack_linear_weights import LINEAR, PACKED_LINEAR
+from surelock_fx.passes.prepack_linear_weights import LINEAR, PREPACKED_LINEAR
 
 from helpers import captured, counts, locked_inputs, shared_tiny_model, tiny_model
 from test_passes import check_against_reference, compiled_with_specs
@@ -23,17 +24,17 @@ def model():
     return tiny_model(seed=3, n_layers=2, n_kv_heads=2)
 
 
-def test_every_linear_runs_on_a_packed_weight(model):
+def test_every_linear_runs_on_a_prepacked_weight(model):
     gm = captured(model)
     linears = counts(gm)[LINEAR]
-    packed = prepack_linear_weights(gm)
-    packed.graph.lint()
+    prepacked = prepack_linear_weights(gm)
+    prepacked.graph.lint()
     assert linears == 7 * model.config.n_layers + 1
-    assert counts(packed)[LINEAR] == 0 and counts(packed)[PACKED_LINEAR] == linears
-    buffers = dict(packed.named_buffers())
-    assert sum(name.startswith("_packed_") for name in buffers) == linears
-    assert all(b.layout == torch._mkldnn for name, b in buffers.items() if name.startswith("_packed_"))
-    assert not any(key.startswith("_packed_") for key in packed.state_dict())  # not persistent
+    assert counts(prepacked)[LINEAR] == 0 and counts(prepacked)[PREPACKED_LINEAR] == linears
+    buffers = dict(prepacked.named_buffers())
+    assert sum(name.startswith("_prepacked_") for name in buffers) == linears
+    assert all(b.layout == torch._mkldnn for name, b in buffers.items() if name.startswith("_prepacked_"))
+    assert not any(key.startswith("_prepacked_") for key in prepacked.state_dict())  # not persistent
 
 
 def test_second_run_changes_nothing(model):
@@ -63,15 +64,15 @@ def test_weight_computed_in_the_graph_is_left_alone():
 
 
 @pytest.mark.parametrize("supported", [True, False])
-def test_bfloat16_is_packed_only_where_onednn_supports_it(supported, monkeypatch):
+def test_bfloat16_is_prepacked_only_where_onednn_supports_it(supported, monkeypatch):
     if supported and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("this CPU lacks oneDNN's bfloat16 support (AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
     gm = captured(shared_tiny_model(5, torch.bfloat16))
     linears = counts(gm)[LINEAR]
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: supported)
-    packed = prepack_linear_weights(gm)
-    assert counts(packed)[PACKED_LINEAR] == (linears if supported else 0)
-    assert counts(packed)[LINEAR] == (0 if supported else linears)
+    prepacked = prepack_linear_weights(gm)
+    assert counts(prepacked)[PREPACKED_LINEAR] == (linears if supported else 0)
+    assert counts(prepacked)[LINEAR] == (0 if supported else linears)
 
 
 def test_without_onednn_nothing_changes(model, monkeypatch):
@@ -82,13 +83,13 @@ def test_without_onednn_nothing_changes(model, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, N, M", [(1, 9, 1), (3, 11, 11), (2, 16, 5)])
-def test_packed_graph_matches_unpacked(dtype, B, N, M):
+def test_prepacked_graph_matches_unprepacked(dtype, B, N, M):
     gm = captured(shared_tiny_model(5, dtype))
-    packed = prepack_linear_weights(copy_graph_module(gm))
+    prepacked = prepack_linear_weights(copy_graph_module(gm))
     gen = torch.Generator().manual_seed(B * N * M)
     inputs = locked_inputs(gm, N, [M] * B, gen, dtype)
     with torch.no_grad():
-        expected, got = gm(*inputs), packed(*inputs)
+        expected, got = gm(*inputs), prepacked(*inputs)
     tol = TOLERANCE[dtype]
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
@@ -97,8 +98,8 @@ def test_packed_graph_matches_unpacked(dtype, B, N, M):
 def test_compile_graph_leaves_its_input_exportable(model):
     gm = captured(model)
     code = gm.code
-    compile_graph(gm, "eager")
-    assert gm.code == code and counts(gm)[PACKED_LINEAR] == 0
+    get_backend("eager").compile(gm)
+    assert gm.code == code and counts(gm)[PREPACKED_LINEAR] == 0
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -106,7 +107,7 @@ def test_compile_graph_leaves_its_input_exportable(model):
 def test_compiled_backends_match_reference_semantics(backend, packed):
     model = shared_tiny_model(9, n_layers=1, n_kv_heads=2, d_model=32)
     gm = captured(model)
-    check_against_reference(model, compiled_with_specs(compile_graph(gm, backend, packed), gm), 3, 10, [2, 10, 0],
+    check_against_reference(model, compiled_with_specs(get_backend(backend).compile(gm, packed), gm), 3, 10, [2, 10, 0],
                             seed=9, rows_packed=packed)
 
 
@@ -117,5 +118,5 @@ def test_inductor_backend_packs_every_linear(model, grad_mode):
     gm = captured(model)
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     with grad_mode():
-        compile_graph(gm, "inductor")(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))
+        get_backend("inductor").compile(gm)(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))
     assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] - before == counts(gm)[LINEAR]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from surelock_fx.capture import capture
-from surelock_fx.optimize import FrozenInductor, copy_graph_module
+from surelock_fx.backends.inductor import FrozenInductor
+from surelock_fx.passes import copy_graph_module
 from surelock_fx.passes import lock_rows, realize_reused_trig
 from surelock_fx.passes.realize_reused_trig import REALIZE, TRIG
 

@@ -2,8 +2,9 @@
 
 import pytest
 
-from surelock_fx.optimize import copy_graph_module
-from surelock_fx.passes import cache_specs, update_caches_in_place
+from surelock_fx.passes import copy_graph_module
+from surelock_fx.passes import update_caches_in_place
+from surelock_fx.signature import cache_specs
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
 
 from helpers import (assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts,

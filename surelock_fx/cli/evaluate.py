@@ -1,0 +1,100 @@
+"""``surelock eval`` and ``surelock demo``: decode fresh problems dense and locked, print the comparison."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import tasks
+from ..evaluate import evaluate_locking
+from ..models import load_model
+from ..text import load_tokenizer
+from .options import (DTYPES, CLIError, add_lock_arguments, add_model_arguments, lock_config, optimize_with_backend,
+                      resolve_device)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``surelock eval``."""
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--task", action="append", default=None,
+                        help="a built-in task name or a JSONL file of {prompt, answer} lines; repeatable "
+                             "(default: every built-in task)")
+    parser.add_argument("--n", type=int, default=64, help="problems per task (default: 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh problems (default: 0)")
+    parser.add_argument("--gen-length", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--block-length", type=int, default=None)
+    add_lock_arguments(parser, several=True)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
+
+
+def _problems(task: str, n: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs of a built-in task (fresh, from ``seed``) or of a JSONL file."""
+    if task in tasks.TASKS:
+        return tasks.make_problems(task, n, seed)
+    path = Path(task)
+    if not path.is_file():
+        raise ValueError(f"--task {task!r} is neither a built-in task ({', '.join(tasks.TASKS)}) nor a JSONL file")
+    return tasks.load_jsonl_tasks(path)[:n]
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Decode fresh problems dense and locked; print and optionally save the comparison."""
+    path = args.model or default_checkpoint()
+    tokenizer = load_tokenizer(Path(path))
+    model = load_model(path, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
+    decode = dict(tasks.DEFAULT_DECODE)
+    decode.update({k: v for k, v in (("gen_length", args.gen_length), ("steps", args.steps),
+                                     ("block_length", args.block_length)) if v is not None})
+    locks = [lock_config(args, eps) for eps in args.lock_eps]
+    optimized = optimize_with_backend(model, args)
+    rows = []
+    for task in args.task or list(tasks.TASKS):
+        for row in evaluate_locking(model, optimized, tokenizer, _problems(task, args.n, args.seed), locks,
+                                    batch_size=args.batch_size, **decode):
+            rows.append(dict(task=Path(task).stem, seed=args.seed, decode=decode, **row))
+    print(format_rows(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A plain-text table of result rows."""
+    head = f"{'task':<10}{'eps':>9}{'gate':>6}{'acc dense':>11}{'acc locked':>12}{'agree':>8}" \
+           f"{'FLOPs':>8}{'active':>8}{'time d/l (s)':>16}"
+    lines = [head]
+    for r in rows:
+        gate = r["lock"]["confidence_gate"]
+        lines.append(
+            f"{r.get('task', '-'):<10}{r['lock']['kl_threshold']:>9.0e}{'-' if gate is None else gate:>6}"
+            f"{r['accuracy_dense']:>11.3f}{r['accuracy_locked']:>12.3f}{r['token_agreement']:>8.3f}"
+            f"{r['flops_ratio']:>8.3f}{r['mean_active_fraction']:>8.3f}"
+            f"{r['wall_dense_s']:>8.2f}/{r['wall_locked_s']:<7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def default_checkpoint() -> Path:
+    """The trained tiny-tasks model shipped with the package."""
+    path = tasks.default_model_dir()
+    if not (path / "config.json").is_file():
+        raise CLIError(f"the shipped model is missing from {path} (an incomplete install?); reinstall "
+                       "surelock_fx or pass --model DIR")
+    return path
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``surelock demo``."""
+    parser.add_argument("--n", type=int, default=16, help="problems per task (default: 16)")
+    parser.add_argument("--seed", type=int, default=1234)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The main job on the shipped model: every task, dense vs locked with the default LockConfig."""
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(["--n", str(args.n), "--seed", str(args.seed)]))
