@@ -3,10 +3,10 @@
 One module per pass; ``pass_base`` holds what they share and ``pipeline`` the pipelines they run in.
 """
 from .detach_full_attention_masks import detach_full_attention_masks
-from .pass_base import GraphPass, PassResult, graph_pass
 from .index_copy_cache_updates import index_copy_cache_updates
 from .lock_rows import copy_graph_module, lock_rows
 from .pack_rows import pack_rows
+from .pass_base import GraphPass, PassResult, graph_pass
 from .pipeline import run_pipeline
 from .prepack_linear_weights import prepack_linear_weights
 from .realize_reused_trig import realize_reused_trig

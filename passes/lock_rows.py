@@ -7,8 +7,17 @@ import operator
 import torch
 from torch import fx
 
-from surelock_fx.signature import (ACTIVE_INDEX, CACHES_META, KEY_MASK, SDPA, CacheSpec, cache_name,
-                                   emit_cache_row_index, emit_row_gather, is_locked)
+from surelock_fx.signature import (
+    ACTIVE_INDEX,
+    CACHES_META,
+    KEY_MASK,
+    SDPA,
+    CacheSpec,
+    cache_name,
+    emit_cache_row_index,
+    emit_row_gather,
+    is_locked,
+)
 
 from .pass_base import PassResult, graph_pass
 from .row_analysis import check_row_wise, sequence_symbol, token_inputs

@@ -4,8 +4,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from surelock_fx.signature import (ACTIVE_INDEX, KEY_MASK, PACKED_ROWS, SDPA, UNPACK_INDEX, cache_specs, input_node,
-                                   is_locked, is_packed, is_row_gather)
+from surelock_fx.signature import (
+    ACTIVE_INDEX,
+    KEY_MASK,
+    PACKED_ROWS,
+    SDPA,
+    UNPACK_INDEX,
+    cache_specs,
+    input_node,
+    is_locked,
+    is_packed,
+    is_row_gather,
+)
 
 from .pass_base import PassResult, graph_pass
 from .update_caches_in_place import SCATTER, SCATTER_IN_PLACE
@@ -60,7 +70,8 @@ def pack_rows(gm: fx.GraphModule) -> PassResult:
     A batch whose rows have different active counts then computes no padding rows in its projections,
     FFN and LM head (attention still runs the B x M queries, a small share of the FLOPs).
     Precondition: a locked graph as ``lock_rows`` emits it (token inputs gathered by
-    ``signature.emit_row_gather`` of an index built from ``active_index``; cache scatters, functional or in place, and attention on
+    ``signature.emit_row_gather`` of an index built from ``active_index``; cache scatters, functional or in
+    place, and attention on
     [batch, heads, rows, head_dim]). Two inputs follow ``key_mask``: ``packed_rows`` [R], the flat
     entries b * M + j of ``active_index`` that are real rows (< N), in order, and ``unpack_index``
     [B, M], each entry's place among them (padding entries: any real row), as

@@ -22,10 +22,10 @@ from typing import Sequence
 from torch import fx
 
 from .detach_full_attention_masks import detach_full_attention_masks
-from .pass_base import GraphPass
 from .index_copy_cache_updates import index_copy_cache_updates
 from .lock_rows import copy_graph_module, lock_rows
 from .pack_rows import pack_rows
+from .pass_base import GraphPass
 from .prepack_linear_weights import prepack_linear_weights
 from .realize_reused_trig import realize_reused_trig
 from .remove_metadata_asserts import remove_metadata_asserts

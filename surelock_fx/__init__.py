@@ -6,5 +6,5 @@ from .lock import LockConfig
 from .optimize import OptimizedModel, load_tensorrt, optimize
 from .sampler import DecodeStats, GenerateOutput, generate
 
-__all__ = ["DecodeStats", "GenerateOutput", "LockConfig", "OptimizedModel", "export_onnx", "export_tensorrt", "generate",
-           "keep_freed_memory", "load_tensorrt", "models", "optimize", "passes"]
+__all__ = ["DecodeStats", "GenerateOutput", "LockConfig", "OptimizedModel", "export_onnx", "export_tensorrt",
+           "generate", "keep_freed_memory", "load_tensorrt", "models", "optimize", "passes"]

@@ -207,7 +207,8 @@ def kl_divergence(logits: torch.Tensor, rows: torch.Tensor, prev_logits: torch.T
     return kl, lse
 
 
-def _most_confident(uncertainty: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape, fraction: float) -> torch.Tensor:
+def _most_confident(uncertainty: torch.Tensor, b: torch.Tensor, j: torch.Tensor, shape,
+                    fraction: float) -> torch.Tensor:
     """For candidate rows (b, j) of a [B, M] index with ``uncertainty`` 1 - max p [C]: whether each
     one's is within the ``fraction``-quantile of its batch row's candidates."""
     masked = torch.full(shape, float("nan"), dtype=uncertainty.dtype, device=uncertainty.device)

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 
 from .lock import LockConfig, LockState, kl_divergence
 from .sampler import DecodeStats, RowLogits, special_ids
-from .signature import CacheSpec, FlopModel, active_index, pack_index
+from .signature import CacheSpec, FlopModel, pack_index, padded_index
 
 LockedGraph = Callable[..., tuple]
 
@@ -78,9 +78,12 @@ class PassPlan:
 def plan_pass(locked: torch.Tensor, bucket: int = 1, full_from: float = FULL_FROM, *, padded: bool = True,
               packed: bool = False, pack_from: float = PACK_FROM) -> PassPlan:
     """The pass a runner with the given forms runs for the lock mask ``locked`` [B, N]: the bucketed active
-    index (``signature.active_index``) and whether the packed form runs it (``runs_packed``)."""
-    index, counts = active_index(locked, bucket, full_from)
-    real = int(counts.sum())
+    index (``signature.active_index``) and whether the packed form runs it (``runs_packed``). The active
+    counts are read to the host once: the pass's only device sync before the graph runs."""
+    counts = (~locked).sum(dim=1)
+    host = counts.tolist()
+    index = padded_index(locked, counts, max(host), bucket, full_from)
+    real = sum(host)
     return PassPlan(index, counts, real, runs_packed(padded, packed, index.numel(), real, pack_from),
                     locked.shape[1])
 
@@ -120,19 +123,21 @@ class LockedRunner:
         if self.state is None:
             self._start(x)
         elif self.state.locked.shape != (B, N):
-            raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after {tuple(self.state.locked.shape)}")
+            raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after "
+                             f"{tuple(self.state.locked.shape)}")
         if self.schedule is not None:
             scheduled = self.schedule(self.stats.forward_passes, x)
             if self.stats.forward_passes:
                 self.state.locked = scheduled
-        key_mask = torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None else attention_mask.bool()
+        key_mask = (torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None
+                    else attention_mask.bool())
         unmasked = x != self.mask_id
         with record_function("surelock::index"):
             plan = plan_pass(self.state.locked, self.bucket, self.full_from, padded=self.forms.padded is not None,
                              packed=self.forms.packed is not None, pack_from=self.pack_from)
-            packing = pack_index(plan.index, N) if plan.packed else ()
+            packing = pack_index(plan.index, N, plan.real) if plan.packed else ()
         with record_function("surelock::release"):
-            self.state.release(unmasked, len(packing[0]) if packing else plan.index.numel())
+            self.state.release(unmasked, max(plan.real, 1) if packing else plan.index.numel())
         with record_function("surelock::graph"):
             graph = self.forms.packed if plan.packed else self.forms.padded
             logits, *self.caches = graph(x, self.positions, plan.index, key_mask, *packing, *self.caches)

@@ -45,7 +45,7 @@ class DecodeStats:
 
     @property
     def mean_active_fraction(self) -> float | None:
-        totals = [a + l for a, l in zip(self.active_counts, self.locked_counts)]
+        totals = [active + locked for active, locked in zip(self.active_counts, self.locked_counts)]
         if not totals:
             return None
         return sum(a / t for a, t in zip(self.active_counts, totals)) / len(totals)
@@ -323,7 +323,7 @@ ARGMAX_BLOCK = 128  # columns per block of ``first_argmax``'s first reduction
 def first_argmax(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(-1)``, the same index (the first maximum; NaN counts as the maximum), from two
     short reductions: the first block of columns that holds the row's maximum, then the first
-    maximum inside it. On CPU, ATen's argmax over a long row is about 8x slower than its max."""
+    maximum inside it. On CPU, ATen's argmax over a long row is several times slower than its max."""
     vocab = scores.shape[-1]
     width = max(1, min(ARGMAX_BLOCK, math.isqrt(vocab)))
     full = vocab - vocab % width

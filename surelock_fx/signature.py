@@ -124,26 +124,35 @@ def active_index(locked: torch.Tensor, bucket: int = 1, full_from: float = 1.0) 
     least ``full_from * N``, M is N (the crossover to a full-width step: same rows computed, padding
     to the scratch slot, one graph shape for all nearly dense steps).
     """
-    B, N = locked.shape
     counts = (~locked).sum(dim=1)
-    M = min(N, -(-max(int(counts.max()), 1) // bucket) * bucket)
+    return padded_index(locked, counts, max(counts.tolist()), bucket, full_from), counts
+
+
+def padded_index(locked: torch.Tensor, counts: torch.Tensor, most: int, bucket: int = 1,
+                 full_from: float = 1.0) -> torch.Tensor:
+    """``active_index``'s index, given the active counts [B] and their maximum ``most`` read to the host."""
+    N = locked.shape[1]
+    M = min(N, -(-max(most, 1) // bucket) * bucket)
     if M >= full_from * N:
         M = N
     order = torch.sort(locked.to(torch.uint8), dim=1, stable=True).indices[:, :M]
     padding = torch.arange(M, device=locked.device)[None, :] >= counts[:, None]
-    return order.masked_fill(padding, N), counts
+    return order.masked_fill(padding, N)
 
 
-def pack_index(index: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_index(index: torch.Tensor, seq: int, real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(``packed_rows`` [R], ``unpack_index`` [B, M]) of an active index [B, M] over ``seq`` positions, for
     a packed graph (``passes.pack_rows``): the flat entries b * M + j that are real rows (< seq), in
     order, and each entry's place among them (padding entries: the real row before them, or the first).
-    Without real rows, the first entry runs (R = 1): a pass computes at least one row."""
-    real = (index < seq).flatten()
-    rows = real.nonzero().squeeze(1)
-    if not len(rows):
-        rows = rows.new_zeros(1)
-    return rows, (real.cumsum(0) - 1).clamp_min_(0).view_as(index)
+    Without real rows, the first entry runs (R = 1): a pass computes at least one row. Given the number
+    of ``real`` rows, nothing is read back to the host (no device sync)."""
+    is_real = (index < seq).flatten()
+    if real is None:
+        rows = is_real.nonzero().squeeze(1)
+        rows = rows if len(rows) else rows.new_zeros(1)
+    else:
+        rows = torch.nonzero_static(is_real, size=max(real, 1), fill_value=0).squeeze(1)
+    return rows, (is_real.cumsum(0) - 1).clamp_min_(0).view_as(index)
 
 
 # --- FLOPs ----------------------------------------------------------------------------------------

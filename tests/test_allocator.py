@@ -43,5 +43,6 @@ def test_large_tensors_come_from_the_heap_after_keep_freed_memory():
 def test_the_cli_keeps_freed_memory(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(surelock_fx.cli, "keep_freed_memory", lambda: calls.append(1) or True)
-    assert surelock_fx.cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == surelock_fx.cli.EXIT_ERROR
+    argv = ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"]
+    assert surelock_fx.cli.main(argv) == surelock_fx.cli.EXIT_ERROR
     assert calls == [1]

@@ -8,11 +8,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from helpers import tiny_model
 from surelock_fx import LockConfig, generate, optimize
 from surelock_fx.cli import main
 from surelock_fx.models import save_model
 from surelock_fx.text import decode_answer
+
+from helpers import tiny_model
 
 SPECIALS = {"<|startoftext|>": 97, "<|eot_id|>": 98, "<|endoftext|>": 99, "<|mdm_mask|>": 100}
 WORDS = ["<unk>", "user", "assistant", ":"] + [f"t{i}" for i in range(93)]  # ids 0..96

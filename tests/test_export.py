@@ -18,12 +18,11 @@ from torch.utils._sympy.numbers import int_oo
 import surelock_fx
 from surelock_fx import export as ex
 from surelock_fx.backends import OrtLockedGraph
-from surelock_fx.export import tensorrt as tensorrt_export
-from surelock_fx.signature import input_names
 from surelock_fx.cli import export as cli_export
 from surelock_fx.cli import main
+from surelock_fx.export import tensorrt as tensorrt_export
 from surelock_fx.models import save_model
-from surelock_fx.signature import cache_specs
+from surelock_fx.signature import cache_specs, input_names
 
 from helpers import run_locked, tiny_model
 
@@ -341,7 +340,8 @@ def test_cli_export_tensorrt(checkpoint, tmp_path, stub_optimize, monkeypatch, c
         assert "model" not in stub_optimize
     calls = []
     monkeypatch.setattr(cli_export, "require_tensorrt", lambda: None)
-    monkeypatch.setattr(cli_export, "export_tensorrt", lambda optimized, out, **kw: calls.append((optimized, out, kw)) or out)
+    monkeypatch.setattr(cli_export, "export_tensorrt",
+                        lambda optimized, out, **kw: calls.append((optimized, out, kw)) or out)
     assert main(argv) == 0
     assert calls == [("optimized", tmp_path / "e.ep", dict(min_active=1, opt_active=None, max_active=128,
                                                            batch=(1, 2, 4), seq=(8, 64, 128)))]

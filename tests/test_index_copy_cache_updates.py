@@ -7,14 +7,19 @@ import pytest
 import torch
 
 from surelock_fx.backends import get_backend
-from surelock_fx.passes import copy_graph_module
-from surelock_fx.passes import index_copy_cache_updates, update_caches_in_place
-from surelock_fx.signature import cache_specs
+from surelock_fx.passes import copy_graph_module, index_copy_cache_updates, update_caches_in_place
 from surelock_fx.passes.index_copy_cache_updates import INDEX_COPY, INDEX_COPY_FUNCTIONAL
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
+from surelock_fx.signature import cache_specs
 
-from helpers import (assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts, locked_inputs,
-                     shared_tiny_model)
+from helpers import (
+    assert_in_place_graph_matches_functional,
+    assert_unchanged_by,
+    captured,
+    counts,
+    locked_inputs,
+    shared_tiny_model,
+)
 
 
 @pytest.fixture(scope="module")

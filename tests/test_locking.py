@@ -3,13 +3,11 @@ import pytest
 import torch
 
 import surelock_fx
-from surelock_fx.lock import LockConfig, LockState, kl_divergence, log_sum_exp
-from surelock_fx.signature import active_index
 from surelock_fx.backends import get_backend
-from surelock_fx.signature import cache_specs
+from surelock_fx.lock import LockConfig, LockState, kl_divergence, log_sum_exp
 from surelock_fx.reference import reference_generate
-from surelock_fx.runtime import LockedForms, LockedRunner, runs_packed
-from surelock_fx.sampler import DecodeStats
+from surelock_fx.runtime import LockedForms, runs_packed
+from surelock_fx.signature import active_index
 
 from helpers import captured, hf_llama_from_llada, locked_inputs, tiny_model
 
@@ -99,11 +97,12 @@ def test_packed_decode_computes_only_the_real_rows(model, optimized):
 
 def test_locking_skips_work_and_is_accounted(optimized):
     p = prompts(2, 8, seed=4)
-    out = surelock_fx.generate(optimized, p, gen_length=32, steps=32, block_length=32, lock=LockConfig(kl_threshold=1.0))
+    out = surelock_fx.generate(optimized, p, gen_length=32, steps=32, block_length=32,
+                               lock=LockConfig(kl_threshold=1.0))
     stats = out.stats
     N = p.shape[1] + 32
     assert stats.forward_passes == stats.steps == len(stats.active_counts) == 32
-    assert [a + l for a, l in zip(stats.active_counts, stats.locked_counts)] == [2 * N] * 32
+    assert [active + locked for active, locked in zip(stats.active_counts, stats.locked_counts)] == [2 * N] * 32
     assert stats.locked_counts[0] == 0 and stats.locked_counts[-1] > 0
     assert stats.locked_counts == sorted(stats.locked_counts)  # locking is permanent
     assert 0 < stats.flops_ratio < 1
@@ -163,7 +162,8 @@ def test_kl_lock_rule_matches_a_direct_computation(logits_chunks):
     # update's KL; position 4, unmasked since, computes its stored row's afresh. Both against a direct KL.
     index, _ = active_index(state.locked)
     change = torch.tensor([0.2, 0.2, 0.2, 0.2, 2.0, 0.2, 0.0])[index, None]  # position 4 changes a lot
-    third = torch.stack([second[b, index[b]] for b in range(B)]) + change * torch.randn(B, index.shape[1], V, generator=gen)
+    third = (torch.stack([second[b, index[b]] for b in range(B)])
+             + change * torch.randn(B, index.shape[1], V, generator=gen))
     unmasked[:, 4] = True
     state.update(index, third, unmasked)
     kl = torch.stack([direct_kl(third[b], second[b, index[b]]) for b in range(B)])
@@ -221,8 +221,8 @@ def test_lock_state_hands_out_the_latest_pass_and_keeps_logits_at_lock():
     assert torch.equal(state.locked_logits[locked], second[locked])  # kept from the lock pass
 
 
-@pytest.mark.parametrize("config", [LockConfig(kl_threshold=0.05), LockConfig(kl_threshold=0.05, lock_prompt=False), None],
-                         ids=["lock", "prompt-unlocked", "no-lock"])
+@pytest.mark.parametrize("config", [LockConfig(kl_threshold=0.05), LockConfig(kl_threshold=0.05, lock_prompt=False),
+                                    None], ids=["lock", "prompt-unlocked", "no-lock"])
 def test_release_keeps_the_rows_the_next_kl_reads_and_changes_no_decision(config):
     gen = torch.Generator().manual_seed(9)
     B, N, V = 2, 8, 17
@@ -380,3 +380,41 @@ def test_bad_arguments_get_clear_errors(model):
         LockConfig(kl_threshold=-1)
     with pytest.raises(ValueError, match="confidence_gate"):
         LockConfig(confidence_gate=1.5)
+
+
+def test_a_schedule_decides_which_rows_each_pass_skips(model, optimized):
+    """A LockSchedule's mask replaces the lock rule's from pass 1 on: each pass computes exactly the rows it
+    leaves unlocked (here: the prompt from pass 1, a generated position two passes after it is unmasked)."""
+    P, G = 5, 12
+    seen, masks = [], []
+
+    def schedule(step, x):
+        seen.append(step)
+        unmasked = x != MASK
+        if step == 0:
+            schedule.first = torch.where(unmasked, 0, 1 << 30)
+        schedule.first = torch.where(unmasked & (schedule.first > step), step, schedule.first)
+        locked = schedule.first + 2 <= step
+        locked[:, :P] = step >= 1
+        masks.append(locked)
+        return locked
+
+    p = prompts(3, P, seed=5)
+    out = surelock_fx.generate(optimized, p, gen_length=G, steps=G, block_length=G, lock=LockConfig(),
+                               schedule=schedule)
+    assert seen == list(range(out.stats.forward_passes))
+    assert out.stats.locked_counts == [0] + [int(m.sum()) for m in masks[1:]]
+    assert out.stats.locked_counts[-1] > 3 * P
+    assert out.stats.flops_computed >= out.stats.flops_locked
+    with pytest.raises(ValueError, match="optimized model"):
+        surelock_fx.generate(model, p, gen_length=G, steps=G, block_length=G, schedule=schedule)
+
+
+def test_flops_computed_count_padding_only_where_a_pass_has_it(optimized):
+    """One row: nothing is padded, the graph computes the active rows' FLOPs. Three rows locking at different
+    rates: attention runs the padded queries, so the graph computes more."""
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
+    one = surelock_fx.generate(optimized, prompts(1, 5, seed=2), **kw).stats
+    assert one.flops_computed == one.flops_locked < one.flops_dense
+    three = surelock_fx.generate(optimized, prompts(3, 5, seed=11), **kw).stats
+    assert three.flops_locked < three.flops_computed < three.flops_dense

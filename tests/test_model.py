@@ -1,4 +1,4 @@
-"""LLaDAModel against transformers' LlamaForCausalLM with bidirectional attention (DESIGN §3)."""
+"""LLaDAModel against transformers' LlamaForCausalLM with bidirectional attention (docs/DESIGN.md §3)."""
 import pytest
 import torch
 from torch.export import Dim

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from surelock_fx.signature import pack_index
-from surelock_fx.passes import copy_graph_module
-from surelock_fx.passes import pack_rows, update_caches_in_place
-from surelock_fx.signature import cache_specs, is_packed
-from surelock_fx.signature import SDPA
+from surelock_fx.passes import copy_graph_module, pack_rows, update_caches_in_place
+from surelock_fx.signature import SDPA, cache_specs, is_packed, pack_index
 
 from helpers import assert_unchanged_by, captured, counts, locked_inputs, run_locked, shared_tiny_model
 
@@ -78,3 +75,14 @@ def test_packed_graph_matches_unpacked(dtype, in_place_first, N, active):
     torch.testing.assert_close(got[real], expected[real], rtol=tol, atol=tol)
     for cache, want in zip(got_caches, expected_caches, strict=True):
         torch.testing.assert_close(cache[:, :, :N], want[:, :, :N], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("counts", [[3, 1, 0], [0, 0], [4, 4]])
+def test_pack_index_given_the_real_count_reads_nothing_back_and_agrees(counts):
+    """``pack_index(index, N, real)`` (nonzero_static, no device sync) gives what the nonzero path gives."""
+    N, M = 6, max(max(counts), 1)
+    index = torch.full((len(counts), M), N)
+    for b, count in enumerate(counts):
+        index[b, :count] = torch.arange(count)
+    for got, want in zip(pack_index(index, N, sum(counts)), pack_index(index, N), strict=True):
+        assert torch.equal(got, want)

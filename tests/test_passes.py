@@ -7,9 +7,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from surelock_fx.capture import capture
 from surelock_fx.passes import UnsupportedGraphError, detach_full_attention_masks, lock_rows, remove_metadata_asserts
-from surelock_fx.signature import SDPA, active_index, cache_specs
 from surelock_fx.reference import ReplaceLockedKV
 from surelock_fx.sampler import model_forward
+from surelock_fx.signature import SDPA, active_index, cache_specs
 
 from helpers import captured, counts, hf_llama_from_llada, run_locked, tiny_model
 
@@ -56,7 +56,8 @@ def test_every_projection_runs_on_active_rows_only(llada, llada_graph):
     x = torch.randint(0, 97, (B, N))
     index = torch.tensor([[0, 2, 5, 8], [1, 3, N, N]])
     caches = [torch.zeros(B, s.heads, N + 1, s.head_dim) for s in cache_specs(llada_graph)]
-    ShapeProp(llada_graph).propagate(x, torch.arange(N).expand(B, N), index, torch.ones(B, N, dtype=torch.bool), *caches)
+    key_mask = torch.ones(B, N, dtype=torch.bool)
+    ShapeProp(llada_graph).propagate(x, torch.arange(N).expand(B, N), index, key_mask, *caches)
     for node in llada_graph.graph.nodes:
         if node.target is aten.linear.default:
             shape = node.meta["tensor_meta"].shape

@@ -4,14 +4,36 @@ import logging
 
 import pytest
 
-from surelock_fx.passes import pass_base
-from surelock_fx.passes import (index_copy_cache_updates, lock_rows, pack_rows, prepack_linear_weights,
-                                realize_reused_trig, update_caches_in_place)
-from surelock_fx.passes.pipeline import (CAPTURE, EAGER_TAIL, EXPORT_PACKED, EXPORT_PADDED, INDUCTOR_TAIL, LOCK,
-                                         RUN_PACKED, RUN_PADDED, check_order, run_pipeline)
+from surelock_fx.passes import (
+    index_copy_cache_updates,
+    lock_rows,
+    pack_rows,
+    pass_base,
+    prepack_linear_weights,
+    realize_reused_trig,
+    update_caches_in_place,
+)
+from surelock_fx.passes.pipeline import (
+    CAPTURE,
+    EAGER_TAIL,
+    EXPORT_PACKED,
+    EXPORT_PADDED,
+    INDUCTOR_TAIL,
+    LOCK,
+    RUN_PACKED,
+    RUN_PADDED,
+    check_order,
+    run_pipeline,
+)
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
-from surelock_fx.signature import (ACTIVE_INDEX, cache_specs, input_node, is_cache_row_index, is_row_gather,
-                                   token_input_names)
+from surelock_fx.signature import (
+    ACTIVE_INDEX,
+    cache_specs,
+    input_node,
+    is_cache_row_index,
+    is_row_gather,
+    token_input_names,
+)
 
 from helpers import captured, counts, shared_tiny_model
 
@@ -105,8 +127,9 @@ def test_the_debug_switch_prints_the_graph_after_each_pass(model, monkeypatch, c
 def test_pipelines_keep_the_locked_graph_exact(model):
     """The in-process padded form against the functional locked graph on random inputs; the locked graph
     stays functional."""
-    from helpers import assert_in_place_graph_matches_functional
     from surelock_fx.passes.pipeline import running_form
+
+    from helpers import assert_in_place_graph_matches_functional
 
     locked = captured(model)
     assert_in_place_graph_matches_functional(locked, running_form(locked, packed=False), B=2, N=9, M=4)

@@ -6,10 +6,9 @@ import re
 import pytest
 import torch
 
-from surelock_fx.capture import capture
 from surelock_fx.backends.inductor import FrozenInductor
-from surelock_fx.passes import copy_graph_module
-from surelock_fx.passes import lock_rows, realize_reused_trig
+from surelock_fx.capture import capture
+from surelock_fx.passes import copy_graph_module, lock_rows, realize_reused_trig
 from surelock_fx.passes.realize_reused_trig import REALIZE, TRIG
 
 from helpers import assert_unchanged_by, captured, counts, hf_llama_from_llada, locked_inputs, tiny_model
@@ -79,7 +78,8 @@ def test_realized_graph_equals_the_graph_it_rewrites(dtype):
 
 def kernels_computing(code: str, op: str) -> int:
     """How many generated C++ kernels of inductor's ``code`` call ``op``."""
-    return sum(bool(re.search(rf"\b{op}\(|\.{op}\(", kernel)) for kernel in code.split("async_compile.cpp_pybinding")[1:])
+    kernels = code.split("async_compile.cpp_pybinding")[1:]
+    return sum(bool(re.search(rf"\b{op}\(|\.{op}\(", kernel)) for kernel in kernels)
 
 
 def test_inductor_computes_the_rotary_tables_in_one_kernel(model):

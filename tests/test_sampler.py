@@ -1,4 +1,4 @@
-"""surelock_fx.generate against an independent transcription of LLaDA's official sampler (DESIGN §2).
+"""surelock_fx.generate against an independent transcription of LLaDA's official sampler (docs/DESIGN.md §2).
 
 ``reference_generate`` below follows LLaDA's ``generate.py`` (get_num_transfer_tokens, per-row top-k,
 Gumbel noise in float64, CFG, logits_eos_inf) and Fast-dLLM's threshold decoding, written plainly
@@ -9,11 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_config, tiny_model
-from surelock_fx import generate
 import surelock_fx.sampler
-from surelock_fx.sampler import (ARGMAX_BLOCK, GumbelNoise, RowLogits, first_argmax, guided_logits,
-                                 proposals_argmax, step_candidates)
+from surelock_fx import generate
+from surelock_fx.sampler import (
+    ARGMAX_BLOCK,
+    GumbelNoise,
+    RowLogits,
+    first_argmax,
+    guided_logits,
+    proposals_argmax,
+    step_candidates,
+)
+
+from helpers import tiny_config, tiny_model
 
 MASK, EOS, EOT, VOCAB = 100, 99, 98, 101
 

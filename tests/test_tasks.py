@@ -10,11 +10,19 @@ import torch
 from surelock_fx import generate
 from surelock_fx.evaluate import decode_problems, task_accuracy
 from surelock_fx.models import load_config, load_model
-from surelock_fx.tasks import (DEFAULT_DECODE, GEN_LENGTH, MAX_ANSWER_CHARS, TASKS, build_tokenizer,
-                               default_model_dir, encode_prompt, load_jsonl_tasks, make_problems,
-                               special_token_ids)
+from surelock_fx.tasks import (
+    DEFAULT_DECODE,
+    GEN_LENGTH,
+    MAX_ANSWER_CHARS,
+    TASKS,
+    build_tokenizer,
+    default_model_dir,
+    encode_prompt,
+    load_jsonl_tasks,
+    make_problems,
+    special_token_ids,
+)
 from surelock_fx.text import encode_batch
-
 
 # ---------------------------------------------------------------------------- independent solvers
 

@@ -2,13 +2,11 @@
 
 import pytest
 
-from surelock_fx.passes import copy_graph_module
-from surelock_fx.passes import update_caches_in_place
-from surelock_fx.signature import cache_specs
+from surelock_fx.passes import copy_graph_module, update_caches_in_place
 from surelock_fx.passes.update_caches_in_place import SCATTER, SCATTER_IN_PLACE
+from surelock_fx.signature import cache_specs
 
-from helpers import (assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts,
-                     shared_tiny_model)
+from helpers import assert_in_place_graph_matches_functional, assert_unchanged_by, captured, counts, shared_tiny_model
 
 
 @pytest.fixture(scope="module")

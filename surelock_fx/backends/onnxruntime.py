@@ -87,7 +87,8 @@ def _numpy_dtype(dtype: torch.dtype):
         return {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
                 torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}[dtype]
     except KeyError:
-        raise TypeError(f"the ONNX Runtime backend has no binding for {dtype}; use a float32 or float16 model") from None
+        message = f"the ONNX Runtime backend has no binding for {dtype}; use a float32 or float16 model"
+        raise TypeError(message) from None
 
 
 def default_providers() -> list[str]:
@@ -132,7 +133,8 @@ class OnnxRuntime(Backend):
         try:
             import onnxruntime  # noqa: F401
         except ImportError as err:
-            raise ValueError(f"the onnxruntime backend needs onnxruntime (pip install 'surelock_fx[onnx]'): {err}") from None
+            raise ValueError(f"the onnxruntime backend needs onnxruntime (pip install 'surelock_fx[onnx]'): "
+                             f"{err}") from None
 
     def forms(self, locked: fx.GraphModule) -> LockedForms:
         options = dict(export_dir=self.export_dir, providers=self.providers, session_options=self.session_options)

@@ -44,7 +44,8 @@ class TensorRT(Backend):
             self.ranges()
 
     def ranges(self):
-        return engines_io.tensorrt_ranges(min_active=self.min_active, opt_active=self.opt_active, max_active=self.max_active,
+        return engines_io.tensorrt_ranges(min_active=self.min_active, opt_active=self.opt_active,
+                                          max_active=self.max_active,
                                batch=self.batch, seq=self.seq)
 
     def forms(self, locked: fx.GraphModule) -> LockedForms:

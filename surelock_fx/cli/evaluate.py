@@ -9,8 +9,15 @@ from .. import tasks
 from ..evaluate import evaluate_locking
 from ..models import load_model
 from ..text import load_tokenizer
-from .options import (DTYPES, CLIError, add_lock_arguments, add_model_arguments, lock_config, optimize_with_backend,
-                      resolve_device)
+from .options import (
+    DTYPES,
+    CLIError,
+    add_lock_arguments,
+    add_model_arguments,
+    lock_config,
+    optimize_with_backend,
+    resolve_device,
+)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,8 +19,18 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from ..signature import (ACTIVE_INDEX, KEY_MASK, PACKED_ROWS, UNPACK_INDEX, cache_specs, input_names, is_locked,
-                         is_packed, pack_index, token_input_names)
+from ..signature import (
+    ACTIVE_INDEX,
+    KEY_MASK,
+    PACKED_ROWS,
+    UNPACK_INDEX,
+    cache_specs,
+    input_names,
+    is_locked,
+    is_packed,
+    pack_index,
+    token_input_names,
+)
 
 DIM_NAMES = ("batch", "seq", "active")
 ROWS = "rows"  # a packed graph's real rows (passes.pack_rows)
@@ -105,7 +115,8 @@ def dynamic_shapes(gm: fx.GraphModule, dims: dict[str, Dim | None]) -> dict[str,
     return {name: {d: v for d, v in axes.items() if v is not None} for name, axes in by_input.items()}
 
 
-def input_shapes(gm: fx.GraphModule, batch: int, seq: int, active: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def input_shapes(gm: fx.GraphModule, batch: int, seq: int,
+                 active: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every input of the locked graph at the given sizes."""
     shapes = {name: ((batch, seq), torch.long) for name in token_input_names(gm)}
     shapes[ACTIVE_INDEX] = ((batch, active), torch.long)

@@ -9,8 +9,18 @@ from pathlib import Path
 import torch
 
 from ..signature import input_names
-from .program import (DIM_NAMES, DimRange, dynamic_shapes, example_inputs, example_sizes, export_locked, graph_device,
-                      input_shapes, locked_graph, make_dims)
+from .program import (
+    DIM_NAMES,
+    DimRange,
+    dynamic_shapes,
+    example_inputs,
+    example_sizes,
+    export_locked,
+    graph_device,
+    input_shapes,
+    locked_graph,
+    make_dims,
+)
 
 RANGE_OPTIONS = ("min_active", "opt_active", "max_active", "batch", "seq")
 TENSORRT_FILE = "model.ep"
@@ -35,7 +45,8 @@ def require_tensorrt():
     return trt
 
 
-def tensorrt_ranges(*, min_active=1, opt_active=None, max_active=None, batch=1, seq=(2, 256, 2048)) -> dict[str, DimRange]:
+def tensorrt_ranges(*, min_active=1, opt_active=None, max_active=None, batch=1,
+                    seq=(2, 256, 2048)) -> dict[str, DimRange]:
     """The (min, opt, max) ranges of batch, seq and active that the engines are built for.
 
     ``batch`` and ``seq`` are an int (fixed) or a (min, opt, max) triple. ``max_active`` defaults
@@ -85,7 +96,8 @@ def build_tensorrt(optimized, ranges: dict[str, DimRange], **settings):
     device = graph_device(gm)
     if device.type != "cuda":
         raise TensorRTUnavailableError(
-            f"TensorRT export needs the model's weights on a CUDA device; they are on {device} (call model.cuda() first)"
+            f"TensorRT export needs the model's weights on a CUDA device; they are on {device} "
+            "(call model.cuda() first)"
         )
     program = export_locked(gm, device=device, **ranges)
     inputs = [trt.Input(**spec) for spec in tensorrt_input_specs(gm, ranges)]
