@@ -5,9 +5,13 @@
 Reads ``step_latency.json``, ``decode_e2e.json`` and ``overhead.json`` from ``--results`` (each
 optional), redraws their plots into ``--figures`` (with a copy of the JSON) and writes the report: settings and machine,
 the targets and whether they are met, tables, plots, and the comparison with the paper's numbers.
-With ``--readme`` (default when writing the default output), README.md gets the headline numbers
-between ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``, and the limitations these
-benchmarks measure between ``<!-- limitations:begin -->`` and ``<!-- limitations:end -->``.
+With ``--blocks`` (default when writing the default output) the generated blocks of the docs are filled
+too (``BLOCK_FILES``): README.md gets the headline numbers between ``<!-- benchmarks:begin -->`` and
+``<!-- benchmarks:end -->``, docs/limitations.md the limitations these benchmarks measure between
+``<!-- limitations:begin -->`` and ``<!-- limitations:end -->``. ``--blocks-only`` fills the blocks and
+writes nothing else, e.g. from the committed JSON:
+
+    python benchmarks/make_report.py --results benchmarks/figures --blocks-only
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import common  # noqa: E402
 from decode_e2e import BACKENDS as E2E_BACKENDS  # noqa: E402
 
 ROOT = common.ROOT
+# The generated blocks (``common.readme_markers``) and the file each one is in.
+BLOCK_FILES = {"benchmarks": ROOT / "README.md", "limitations": ROOT / "docs" / "limitations.md"}
 PAPER = dict(flops_ratio=(0.47, 0.55), tps_ratio_b_ge_2=(1.17, 1.39), tps_ratio_b1_g64=0.73,
              note="LLaDA-8B-Instruct on a GPU, eps 5e-4..5e-3, plain-PyTorch gather/scatter (SureLock, ICLR 2026)")
 COMMANDS = """```bash
@@ -39,11 +45,15 @@ def parse_args(argv=None):
     ap.add_argument("--results", type=Path, default=common.DEFAULT_OUT)
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--figures", type=Path, default=common.FIGURES)
-    ap.add_argument("--readme", dest="readme", action="store_true", default=None)
-    ap.add_argument("--no-readme", dest="readme", action="store_false")
+    ap.add_argument("--blocks", dest="blocks", action="store_true", default=None,
+                    help="also fill the generated blocks: the headline in README.md, the limitations in "
+                         "docs/limitations.md (default: when --output is the default BENCHMARKS.md)")
+    ap.add_argument("--no-blocks", dest="blocks", action="store_false", help="leave README.md and docs/ alone")
+    ap.add_argument("--blocks-only", action="store_true",
+                    help="fill the generated blocks from --results and write nothing else (no report, no figures)")
     args = ap.parse_args(argv)
-    if args.readme is None:
-        args.readme = args.output.resolve() == (ROOT / "BENCHMARKS.md").resolve()
+    if args.blocks is None:
+        args.blocks = args.blocks_only or args.output.resolve() == (ROOT / "BENCHMARKS.md").resolve()
     return args
 
 
@@ -88,8 +98,8 @@ def machine_section(data: dict) -> str:
                      s.get("threads", m.get("torch_threads")), m["torch_version"], m.get("git_commit") or "–",
                      m.get("malloc", "defaults"), m.get("date", "–"),
                      f"{m.get('load_average_start')} → {m.get('load_average_end')}"])
-    return table(["benchmark", "mode", "CPU", "vector ISA", "cores", "torch threads", "torch", "commit", "glibc malloc", "date (UTC)",
-                  "load avg (1/5/15 min) start → end"], rows)
+    return table(["benchmark", "mode", "CPU", "vector ISA", "cores", "torch threads", "torch", "commit", "glibc malloc",
+                  "date (UTC)", "load avg (1/5/15 min) start → end"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +145,10 @@ def target_rows(data: dict) -> list[list]:
         if near:
             lo = min(r["speedup_vs_plain_inductor"] for r in near)
             hi = max(r["speedup_vs_plain_inductor"] for r in near)
-            rows.append(["inductor locked >= 2x the plain eager model at FLOPs ratio ~0.5 (end-to-end, FLOPs ratio 0.4-0.6)",
-                         f"{f2(lo)}x .. {f2(hi)}x over {len(near)} configurations", "met" if lo >= 2 else "**not met**"])
+            rows.append(["inductor locked >= 2x the plain eager model at FLOPs ratio ~0.5 "
+                         "(end-to-end, FLOPs ratio 0.4-0.6)",
+                         f"{f2(lo)}x .. {f2(hi)}x over {len(near)} configurations",
+                         "met" if lo >= 2 else "**not met**"])
         graphs = [r["compilations_timed"]["graphs"] for r in res]
         warm = [r["compilations_warmup"]["graphs"] for r in res]
         rows.append(["static shapes: no compilation inside timed decodes (after per-shape warm-up)",
@@ -180,8 +192,9 @@ def fixed_costs(d: dict) -> list[dict]:
 
 def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
     s, m = d["settings"], d["model"]
-    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, "
-           f"MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters, {m['dtype']}); "
+    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, "
+           f"{m['n_heads']} heads, MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} "
+           f"({m['parameters'] / 1e6:.0f}M parameters, {m['dtype']}); "
            f"batch {s['batch']}; {s['reps']} interleaved repetitions, {s.get('statistic', 'median')}. "
            f"Dense baseline: {s['dense_baseline']}. "
            f"Locked: {s['locked_graph']}."]
@@ -197,8 +210,8 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
     cross = ", ".join(f"{c['backend']} N={c['seq']}: " + ("none (locked faster up to M = N)" if c["fraction"] is None
                                                           else f"M/N = {f2(c['fraction'])}") for c in d["crossover"])
     out.append(f"Measured crossover (locked graph as slow as the dense model): {cross}. "
-               f"Compilations during the sweep: " + ", ".join(f"{k}: {v['graphs']}" for k, v in d["compilations"].items())
-               + ".")
+               f"Compilations during the sweep: "
+               + ", ".join(f"{k}: {v['graphs']}" for k, v in d["compilations"].items()) + ".")
     fits = fixed_costs(d)
     if fits:
         streamed = d["model"].get("streamed_weight_bytes")
@@ -209,9 +222,10 @@ def step_latency_section(d: dict, figures: list[Path], output: Path) -> str:
                       "bandwidth at which reading them once takes a)" if streamed else "")
                    + ", and GEMMs with few rows run below peak. With it, efficiency at M rows is about "
                    "b * M / (a + b * M), i.e. >= 0.9 needs M >= 9 a / b rows (B * M with a batch).")
-        out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)", "rows for efficiency 0.9",
-                          "weights / a (GB/s)"],
-                         [[f["backend"], f["seq"], f1(f["fixed_s"] * 1e3), pct(f["fixed_share"]), f2(f["per_row_s"] * 1e3),
+        out.append(table(["backend", "N", "fixed cost a (ms)", "a / dense pass", "b (ms per row)",
+                          "rows for efficiency 0.9", "weights / a (GB/s)"],
+                         [[f["backend"], f["seq"], f1(f["fixed_s"] * 1e3), pct(f["fixed_share"]),
+                           f2(f["per_row_s"] * 1e3),
                            "–" if f["rows_for_0_9"] is None else f"{f['rows_for_0_9']:.0f}", f1(f["weight_gb_per_s"])]
                           for f in fits]))
     out += [f"![step latency]({rel(p, output)})" for p in figures]
@@ -230,35 +244,38 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
     rec = sch["recorded"]
     lags = [v for v in sch["gen_lags"] if v is not None]
     never = sum(v is None for v in sch["gen_lags"])
-    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, "
-           f"MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters). Prompt "
+    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, "
+           f"{m['n_heads']} heads, MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} "
+           f"({m['parameters'] / 1e6:.0f}M parameters). Prompt "
            f"{s['prompt']} random tokens; sampler: {s['sampler']}; `optimize(bucket={s['bucket']})`; eps {s['eps']}.",
            f"Lock schedule recorded from: {sch['source']} (batch {rec['batch']}, N = {rec['seq']}, "
            f"FLOPs ratio of the recorded decodes {f3(rec['flops_ratio'])}); generated tokens lock "
            f"{min(lags) if lags else '–'}–{max(lags) if lags else '–'} steps after they are unmasked "
            f"(median {sorted(lags)[len(lags) // 2] if lags else '–'}; {never} of {len(sch['gen_lags'])} never lock), "
-           "prompt tokens at the recorded prompt lock steps. The replay decides which rows are locked; all runtime work "
-           "is real.",
-           f"`exact` = whole `generate()` decodes (the fastest of {s.get('exact_reps', 1)} per variant, interleaved); `sampled` = {s['samples']} timed decode steps per variant, "
-           "interpolated over all G steps, locked variants' in the step's active rows, dense ones' in t (whole decodes of "
-           "the larger configurations would take hours on this CPU)."]
+           "prompt tokens at the recorded prompt lock steps. The replay decides which rows are locked; all "
+           "runtime work is real.",
+           f"`exact` = whole `generate()` decodes (the fastest of {s.get('exact_reps', 1)} per variant, "
+           f"interleaved); `sampled` = {s['samples']} timed decode steps per variant, "
+           "interpolated over all G steps, locked variants' in the step's active rows, dense ones' in t (whole "
+           "decodes of the larger configurations would take hours on this CPU)."]
     backends = e2e_backends(d["results"])
     names = [NAMES[b] for b in backends]
     rows = []
     for r in d["results"]:
         t = r["tokens_per_s"]
         rows.append([r["batch"], r["gen_length"], r["mode"], f3(r["flops_ratio"]), f2(r["ideal_speedup"][backends[0]]),
-                     f2(t.get("dense/plain")), *(f2(t.get(f"{kind}/{b}")) for kind in ("dense", "locked") for b in backends),
+                     f2(t.get("dense/plain")),
+                     *(f2(t.get(f"{kind}/{b}")) for kind in ("dense", "locked") for b in backends),
                      *(f2(r.get(f"{key}_{b}")) for key in ("speedup", "efficiency") for b in backends),
                      f2(r.get("gemm_efficiency")), *(f2(r.get(f"speedup_vs_plain_{b}")) for b in backends)])
     out.append("Each backend's dense baseline is its pipeline without the locking rewrite (eager: packed weights, "
-               "inductor: frozen weights, ONNX Runtime: the plain model exported to ONNX, in a CPU session with as many "
-               "threads as torch); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
+               "inductor: frozen weights, ONNX Runtime: the plain model exported to ONNX, in a CPU session with as "
+               "many threads as torch); `plain` is the model in PyTorch eager. Speedup and efficiency compare "
                "locked with dense on the same backend; `GEMMs alone` is that efficiency for the model's linear "
                "layers alone (one oneDNN call each on packed weights) at the rows of each step's locked (eager: active "
-               "rows, packed) and dense graphs, timed at the sampled steps: the bound that reading the weights every pass and few-row "
-               "GEMMs set, before attention, the sampler and the bookkeeping. The last columns compare locked "
-               "with the plain model.")
+               "rows, packed) and dense graphs, timed at the sampled steps: the bound that reading the weights "
+               "every pass and few-row GEMMs set, before attention, the sampler and the bookkeeping. The last "
+               "columns compare locked with the plain model.")
     out.append(table(["B", "G", "mode", "FLOPs ratio", "ideal", "tok/s plain",
                       *(f"tok/s {kind} {n}" for kind in ("dense", "locked") for n in names),
                       *(f"{key} {n}" for key in ("speedup", "eff.") for n in names), "GEMMs alone",
@@ -273,9 +290,10 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
     if padded:
         out.append("Batch padding: attention runs every batch row's queries as many as the row with the most active "
                    "ones; the projections, FFN and LM head compute the active rows only on the steps that run packed "
-                   "across the batch (`passes/pack_rows.py`: eager every step, inductor and ONNX Runtime where the padding reaches "
-                   "`runtime.PACK_FROM` of the rows), else as many as attention. The locked graphs compute a FLOPs "
-                   "ratio (eager / inductor and ONNX Runtime, their packed steps) of " + ", ".join(
+                   "across the batch (`passes/pack_rows.py`: eager every step, inductor and ONNX Runtime where "
+                   "the padding reaches `runtime.PACK_FROM` of the rows), else as many as attention. The locked "
+                   "graphs compute a FLOPs ratio (eager / inductor and ONNX Runtime, their packed steps) of "
+                   + ", ".join(
                        f"{f3(r['padded_flops_ratio']['eager'])} / {f3(r['padded_flops_ratio']['inductor'])}, "
                        f"{r['packed_steps']['inductor']} of {r['steps']} (B={r['batch']}, G={r['gen_length']})"
                        for r in padded)
@@ -286,7 +304,8 @@ def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
             f"B={r['batch']} G={r['gen_length']} {k}: {100 * v:+.0f}%" for r, k, v in errs) + ".")
     comp = [(r["batch"], r["gen_length"], r["compilations_warmup"]["graphs"], r["compilations_timed"]["graphs"])
             for r in d["results"]]
-    out.append("Compilations (graphs; warm-up / timed): " + ", ".join(f"B={b} G={g}: {w}/{t}" for b, g, w, t in comp) + ".")
+    out.append("Compilations (graphs; warm-up / timed): "
+               + ", ".join(f"B={b} G={g}: {w}/{t}" for b, g, w, t in comp) + ".")
     out += [f"![decode]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 
@@ -315,8 +334,9 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
                      f1(ph.get("index", 0) * 1e3), f1(ph.get("release", 0) * 1e3), f1(ph.get("kl", 0) * 1e3),
                      f1(ph["cache_scatter"] * 1e3) if st["backend"] == "eager" and "cache_scatter" in ph else "fused",
                      pct(st["sampler_share"]), f1(st["bookkeeping_s"] * 1e3), f1(st["legacy_bookkeeping_s"] * 1e3)])
-    out.append(f"Per decode step (G = {s['gen']}, P = {s['prompt']}, replayed schedule; profiled, best of {s['reps']}): "
-               "bookkeeping = runner time outside the graph (index, release of old logits, KL, lock-mask and row-map updates, stats); "
+    out.append(f"Per decode step (G = {s['gen']}, P = {s['prompt']}, replayed schedule; profiled, best of "
+               f"{s['reps']}): bookkeeping = runner time outside the graph (index, release of old logits, KL, "
+               "lock-mask and row-map updates, stats); "
                "sampler = the sampler's own work on the returned logits (same for dense decoding). Last column: the "
                "first runtime's KL/buffer bookkeeping on the same tensors.")
     out.append(table(["backend", "B", "step", "M/N", "graph M", "KL rows", "step ms", "graph", "bookkeeping",
@@ -374,8 +394,8 @@ def notes(data: dict) -> str:
             if gemm:
                 items.append("At those row counts the model's GEMMs alone, without anything else a pass does, reach "
                              "an efficiency of only " + ", ".join(f"{f2(g)} (N={N}, M={M})" for N, M, g in gemm)
-                             + "; where that is below 0.9, no pass running oneDNN's float32 GEMM (eager, inductor) can reach 0.9 on "
-                             "this CPU. "
+                             + "; where that is below 0.9, no pass running oneDNN's float32 GEMM (eager, inductor) "
+                             "can reach 0.9 on this CPU. "
                              "The rest of the gap (the locked pass against its GEMMs: "
                              + ", ".join(f"{r['backend']} N={r['seq']} M={r['active_rows']}: "
                                          f"{f2(r['efficiency'])} vs {f2(r['gemm_efficiency'])}"
@@ -404,7 +424,8 @@ def notes(data: dict) -> str:
         if effs:
             lo, hi = min(effs, key=lambda e: e[0]), max(effs, key=lambda e: e[0])
             items.append(f"End-to-end efficiency ranges from {f2(lo[0])} ({lo[1]}, B={lo[2]['batch']}, "
-                         f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, G={hi[2]['gen_length']}). "
+                         f"G={lo[2]['gen_length']}) to {f2(hi[0])} ({hi[1]}, B={hi[2]['batch']}, "
+                         f"G={hi[2]['gen_length']}). "
                          "It is below the graph-level efficiency because a decode step also runs the sampler (an "
                          "argmax and a softmax over the masked positions' logits, read a few rows at a time; not "
                          "reduced by locking) and the "
@@ -413,7 +434,8 @@ def notes(data: dict) -> str:
                          "a decode, where small-M passes are least efficient.")
             gemm = [r for r in res if "gemm_efficiency" in r]
             if gemm:
-                lo_g, hi_g = min(gemm, key=lambda r: r["gemm_efficiency"]), max(gemm, key=lambda r: r["gemm_efficiency"])
+                lo_g = min(gemm, key=lambda r: r["gemm_efficiency"])
+                hi_g = max(gemm, key=lambda r: r["gemm_efficiency"])
                 below = [r for r in gemm if r["gemm_efficiency"] < 0.9]
                 items.append(f"The decodes' GEMMs alone reach an efficiency of {f2(lo_g['gemm_efficiency'])} "
                              f"(B={lo_g['batch']}, G={lo_g['gen_length']}) to {f2(hi_g['gemm_efficiency'])} "
@@ -441,7 +463,8 @@ def notes(data: dict) -> str:
                      "bookkeeping on the same tensors took "
                      f"{f1(min(st['legacy_bookkeeping_s'] for st in steps) * 1e3)}–"
                      f"{f1(max(st['legacy_bookkeeping_s'] for st in steps) * 1e3)} ms per step against "
-                     f"{f1(min(st['bookkeeping_s'] for st in steps) * 1e3)}–{f1(max(st['bookkeeping_s'] for st in steps) * 1e3)} ms now.")
+                     f"{f1(min(st['bookkeeping_s'] for st in steps) * 1e3)}–"
+                     f"{f1(max(st['bookkeeping_s'] for st in steps) * 1e3)} ms now.")
     return "\n".join(f"- {i}" for i in items)
 
 
@@ -480,11 +503,14 @@ def headline(data: dict) -> str:
             vals = [r[f"speedup_{backend}"] for r in res if f"speedup_{backend}" in r]
             if vals:
                 plain = [r[f"speedup_vs_plain_{backend}"] for r in res if f"speedup_vs_plain_{backend}" in r]
-                against_plain = f"; against the plain PyTorch model {f2(min(plain))}x to {f2(max(plain))}x" if plain else ""
+                against_plain = (f"; against the plain PyTorch model {f2(min(plain))}x to {f2(max(plain))}x"
+                                 if plain else "")
                 lines.append(f"Latest run ({'quick' if e2e.get('quick') else 'full'}, {e2e['machine']['cpu_model']}): "
                              f"locked vs dense tokens/s with {backend}: {f2(min(vals))}x to {f2(max(vals))}x over "
-                             f"B in {sorted({r['batch'] for r in res})} and G in {sorted({r['gen_length'] for r in res})} "
-                             f"(FLOPs ratio {f2(min(r['flops_ratio'] for r in res))}–{f2(max(r['flops_ratio'] for r in res))})"
+                             f"B in {sorted({r['batch'] for r in res})} and G in "
+                             f"{sorted({r['gen_length'] for r in res})} "
+                             f"(FLOPs ratio {f2(min(r['flops_ratio'] for r in res))}–"
+                             f"{f2(max(r['flops_ratio'] for r in res))})"
                              f"{against_plain}.")
                 break
     return "\n".join(lines)
@@ -500,21 +526,24 @@ def bullet(text: str) -> str:
     return textwrap.fill(text, 100, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
 
 
-def small_pass_limitation(sl: dict, e2e: dict) -> str:
-    """The README's limitation of passes with few active rows, from step_latency and decode_e2e."""
+def small_pass_limitation(sl: dict, e2e: dict, report: str = "../BENCHMARKS.md") -> str:
+    """The limitation of passes with few active rows, from step_latency and decode_e2e (``report``: the link
+    to the benchmark report, relative to the file the text goes in)."""
     m = sl["machine"]
     rows = [f["rows_for_0_9"] for f in fixed_costs(sl) if f["rows_for_0_9"] and f["backend"] in ("eager", "inductor")]
     low = min((r for r in sl["results"] if r["fraction"] >= 0.1 - 1e-9 and "gemm_efficiency" in r),
               key=lambda r: r["gemm_efficiency"])
     threads = f"{m['torch_threads']} thread" + ("s" if m["torch_threads"] > 1 else "")
     reach = (f"reaches 0.9 from about {span(rows, '{:.0f}'.format)} active rows (B x M) per pass; below that the "
-             f"speedup stays under the FLOPs ratio's promise" if rows else "falls with the active rows (B x M) per pass")
+             f"speedup stays under the FLOPs ratio's promise" if rows
+             else "falls with the active rows (B x M) per pass")
     text = (f"A pass with few active rows is bound by reading the weights from memory, not by its FLOPs: on the "
             f"{m['cpu_model']} measured ({m['cpu_cores']} cores, {threads}), the efficiency of the eager and inductor "
             f"graphs against the FLOPs ratio {reach}. "
             f"The model's GEMMs alone, timed at the same row counts, show "
             f"the same limit ({f2(low['gemm_efficiency'])} at {low['active_rows'] * low['batch']} rows, "
-            f"[BENCHMARKS.md](BENCHMARKS.md), `GEMMs alone` column, oneDNN's GEMM): it is the GEMM's on this hardware, not the rewrite's.")
+            f"[BENCHMARKS.md]({report}), `GEMMs alone` column, oneDNN's GEMM): it is the GEMM's on this hardware, "
+            "not the rewrite's.")
     res = e2e["results"]
     G0 = min(r["gen_length"] for r in res)
     short, long = [r for r in res if r["gen_length"] == G0], [r for r in res if r["gen_length"] > G0]
@@ -532,13 +561,11 @@ def small_pass_limitation(sl: dict, e2e: dict) -> str:
     if long:
         text += (f"; from {min(r['gen_length'] for r in long)} tokens up, "
                  f"{span(r['gemm_efficiency'] for r in long)} and {decodes(long)}")
-    commits = sorted({m["git_commit"], e2e["machine"]["git_commit"]})
-    return bullet(text + f" (run{'s' if len(commits) > 1 else ''} of commit{'s' if len(commits) > 1 else ''} "
-                  f"{' and '.join(commits)}).")
+    return bullet(text + ".")
 
 
-def padding_limitation(e2e: dict) -> str:
-    """The README's limitation of batch padding, from decode_e2e."""
+def padding_limitation(e2e: dict, report: str = "../BENCHMARKS.md") -> str:
+    """The limitation of batch padding, from decode_e2e (``report``: as in ``small_pass_limitation``)."""
     res = [r for r in e2e["results"] if r["batch"] > 1]
     worst = max(res, key=lambda r: r["padded_flops_ratio"]["tensorrt"] / r["flops_ratio"])
     padded = worst["padded_flops_ratio"]
@@ -546,25 +573,35 @@ def padding_limitation(e2e: dict) -> str:
     return bullet(
         "With B > 1, every batch row of a pass runs as many rows as the one with the most active rows, the "
         "others padded to the scratch slot. The TensorRT engines compute the padding in "
-        f"every op: in the end-to-end benchmark {span([100 * e for e in extra], '{:.0f}'.format)}% more FLOPs than "
-        f"the active rows' (most at B = {worst['batch']}, G = {worst['gen_length']}: a FLOPs ratio of "
+        f"every op: in the end-to-end benchmark of [BENCHMARKS.md]({report}), "
+        f"{span([100 * e for e in extra], '{:.0f}'.format)}% more FLOPs than the active rows' (most at "
+        f"B = {worst['batch']}, G = {worst['gen_length']}: a FLOPs ratio of "
         f"{f3(padded['tensorrt'])} computed for {f3(worst['flops_ratio'])} active). The eager backend runs the "
         f"projections, FFN and LM head on the active rows only, packed across the batch, at every step "
         f"({f3(padded['eager'])} there), the inductor and ONNX Runtime backends on the steps where that pays "
         f"({worst['packed_steps']['inductor']} of {worst['steps']}, {f3(padded['inductor'])}); attention still "
-        f"runs the padded queries (run of commit {e2e['machine']['git_commit']}).")
+        f"runs the padded queries.")
 
 
-def limitations(data: dict) -> str | None:
+def limitations(data: dict, report: str = "../BENCHMARKS.md") -> str | None:
+    """The limitations block (docs/limitations.md), or None without step_latency and decode_e2e results."""
     sl, e2e = data.get("step_latency"), data.get("decode_e2e")
     if not (sl and e2e):
         return None
-    return small_pass_limitation(sl, e2e) + "\n" + padding_limitation(e2e)
+    return small_pass_limitation(sl, e2e, report) + "\n" + padding_limitation(e2e, report)
 
 
-def update_readme(blocks: dict[str, str], path: Path = ROOT / "README.md") -> list[str]:
-    """Replace each named block of README.md (``common.replace_readme_block``) that has a text; the names replaced."""
-    return [name for name, text in blocks.items() if text is not None and common.replace_readme_block(path, name, text)]
+def update_blocks(blocks: dict[str, str | None], files: dict[str, Path] | None = None) -> list[str]:
+    """Replace each named block that has a text in its file (``files``, default ``BLOCK_FILES``;
+    ``common.replace_readme_block``); the names replaced."""
+    files = BLOCK_FILES if files is None else files
+    return [name for name, text in blocks.items()
+            if text is not None and common.replace_readme_block(files[name], name, text)]
+
+
+def blocks(data: dict, output: Path) -> dict[str, str | None]:
+    """The text of every generated block, linking to the report at ``output``."""
+    return dict(benchmarks=headline(data), limitations=limitations(data, rel(output, BLOCK_FILES["limitations"])))
 
 
 def generated_by(args) -> str:
@@ -581,6 +618,10 @@ def main(argv=None):
     data = load(args.results)
     if not data:
         raise SystemExit(f"no benchmark JSON in {args.results}; run the benchmarks first")
+    if args.blocks_only:
+        names = update_blocks(blocks(data, args.output))
+        print(f"filled {', '.join(f'{n} ({os.path.relpath(BLOCK_FILES[n], ROOT)})' for n in names) or 'no blocks'}")
+        return
     figures = {}
     modules = {"step_latency": "step_latency", "decode_e2e": "decode_e2e", "overhead": "overhead"}
     for name, module in modules.items():
@@ -588,8 +629,8 @@ def main(argv=None):
             figures[name] = __import__(module).plot(data[name], args.figures)
             (args.figures / f"{name}.json").write_text(json.dumps(data[name], indent=1) + "\n")  # versioned with it
     args.output.write_text(render(data, figures, args.output, generated_by(args)))
-    if args.readme:
-        update_readme(dict(benchmarks=headline(data), limitations=limitations(data)))
+    if args.blocks:
+        update_blocks(blocks(data, args.output))
     print(f"wrote {args.output} and {sum(len(v) for v in figures.values())} figures in {args.figures}")
 
 

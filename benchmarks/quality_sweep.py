@@ -7,7 +7,8 @@ Grid: kl_threshold in {never, 5e-8, 5e-4, 5e-3, 5e-2} x confidence gate {off, 0.
 block_length 32. Each decode setting decodes the same fresh problems (n per task) densely once
 and locked once per lock setting. Writes ``quality.json`` and plots (accuracy vs FLOPs ratio,
 active fraction over steps, a lock timeline, the KL-at-lock vs final-drift bound) into --out,
-and the results table into README.md between the quality markers.
+and the results table into docs/quality.md between its ``<!-- quality-table:begin -->`` and
+``<!-- quality-table:end -->`` markers (``DOC``; ``--no-docs`` leaves it alone).
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import common  # noqa: E402
 
 import surelock_fx  # noqa: E402
 from surelock_fx import tasks  # noqa: E402
-from surelock_fx.evaluate import accuracy, compare, decode_problems, encode_batch  # noqa: E402
+from surelock_fx.evaluate import accuracy, compare, decode_problems  # noqa: E402
+from surelock_fx.text import encode_batch  # noqa: E402
 
 EPSILONS = [5e-8, 5e-4, 5e-3, 5e-2]
-README = common.ROOT / "README.md"
+DOC = common.ROOT / "docs" / "quality.md"  # the file whose quality-table block ``write_docs_table`` fills
 MARKERS = common.readme_markers("quality-table")
 
 
@@ -101,7 +103,7 @@ def timeline(run, row: int = 0) -> list[list[int]]:
 
 
 def sweep(args) -> dict:
-    from surelock_fx.cli import load_tokenizer
+    from surelock_fx.text import load_tokenizer
     from surelock_fx.models import load_model
 
     model = load_model(args.model)
@@ -211,7 +213,7 @@ def summary(result: dict) -> list[dict]:
 
 
 def summary_table(result: dict) -> str:
-    """The README's table: one row per lock setting, averaged over the decode settings."""
+    """The docs' table (docs/quality.md): one row per lock setting, averaged over the decode settings."""
     lines = ["| lock | decode settings | acc dense | acc locked | worst change | token agreement | FLOPs ratio | wall ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary(result):
@@ -230,9 +232,10 @@ def provenance(result: dict) -> str:
             f"`python benchmarks/quality_sweep.py{' --quick' if s['quick'] else ''} --n {s['n_per_task']}`._")
 
 
-def write_readme_table(result: dict) -> None:
-    if not common.replace_readme_block(README, "quality-table", summary_table(result)):
-        raise SystemExit(f"README.md has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
+def write_docs_table(result: dict) -> None:
+    """Fill the quality-table block of ``DOC`` with ``summary_table(result)``."""
+    if not common.replace_readme_block(DOC, "quality-table", summary_table(result)):
+        raise SystemExit(f"{DOC} has no {MARKERS[0]} ... {MARKERS[1]} block to fill")
 
 
 def main(argv=None) -> None:
@@ -247,7 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", type=Path, default=common.FIGURES / "quality",
                         help="where quality.json and the plots go (default: benchmarks/figures/quality)")
-    parser.add_argument("--no-readme", action="store_true", help="do not update README.md's table")
+    parser.add_argument("--no-docs", action="store_true", help="do not update the table in docs/quality.md")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the other benchmarks)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -258,8 +261,8 @@ def main(argv=None) -> None:
     for path in plot(result, args.out):
         print(f"wrote {path}")
     print(summary_table(result))
-    if not args.no_readme:
-        write_readme_table(result)
+    if not args.no_docs:
+        write_docs_table(result)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Model families as plain nn.Modules that export cleanly, and their checkpoint I/O."""
 from .checkpoint import CheckpointError, from_hf_llada, load_config, load_model, save_model
 from .llada import ConfigError, LLaDAConfig, LLaDAModel
+from .random import random_llada, random_weights_
 
 __all__ = [
     "CheckpointError",
@@ -10,5 +11,7 @@ __all__ = [
     "from_hf_llada",
     "load_config",
     "load_model",
+    "random_llada",
+    "random_weights_",
     "save_model",
 ]

@@ -1,4 +1,4 @@
-"""LLaDA: a LLaMA-style transformer with bidirectional attention (DESIGN §3).
+"""LLaDA: a LLaMA-style transformer with bidirectional attention (docs/DESIGN.md §3).
 
 The module tree mirrors the official checkpoint, so ``state_dict()`` keys are the Hugging Face
 names (``model.transformer.blocks.{i}.q_proj.weight`` ...). Plain tensors, no cache, no branches on

@@ -1,20 +1,19 @@
 """Shared test helpers: tiny LLaDA configs and models, graph checks, and an independent transformers reference.
 
 ``hf_llama_from_llada`` maps an ``LLaDAModel``'s weights onto transformers' ``LlamaForCausalLM``
-with bidirectional attention (DESIGN §3), which computes the same function through code this
+with bidirectional attention (docs/DESIGN.md §3), which computes the same function through code this
 project did not write.
 """
 from __future__ import annotations
 
 import functools
-import math
 from collections import Counter
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from surelock_fx.models import LLaDAConfig, LLaDAModel
-from surelock_fx.passes import cache_specs
+from surelock_fx.models import LLaDAConfig, LLaDAModel, random_weights_
+from surelock_fx.signature import cache_specs
 
 TINY_DEFAULTS = dict(
     d_model=64,
@@ -99,28 +98,13 @@ def tiny_config(**overrides) -> LLaDAConfig:
 
 
 def randomize_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) -> LLaDAModel:
-    """Fill every parameter with seeded random values, norm weights included (not ones).
-
-    Matrices get std 1/sqrt(fan_in) so activations stay O(1); the LM head gets ``logit_scale``
-    times that so the softmax is peaked enough for predictions and confidences to differ.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    head = model.lm_head_weight
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                values = 0.5 + torch.rand(param.shape, generator=gen)
-            else:
-                std = 1.0 if param is model.model.transformer.wte.weight else 1 / math.sqrt(param.shape[1])
-                if param is head and not model.config.weight_tying:
-                    std *= logit_scale
-                values = std * torch.randn(param.shape, generator=gen)
-            param.copy_(values.to(param.dtype))
-    return model.eval()
+    """``surelock_fx.models.random_weights_``: every parameter seeded random, norm weights included (not ones)."""
+    return random_weights_(model, seed, logit_scale)
 
 
 def tiny_model(seed: int = 0, **overrides) -> LLaDAModel:
-    """A randomly initialised float32 LLaDAModel on ``tiny_config(**overrides)``, in eval mode."""
+    """A randomly initialised float32 LLaDAModel on ``tiny_config(**overrides)``, in eval mode. Built with
+    its default initialisation first, which draws from torch's global generator as tests expect."""
     return randomize_(LLaDAModel(tiny_config(**overrides)), seed)
 
 
@@ -204,7 +188,7 @@ def run_locked(graph, inputs: tuple, rows_packed: bool) -> tuple[torch.Tensor, l
     if not rows_packed:
         logits, *caches = graph(*inputs)
         return logits, caches
-    from surelock_fx.lock import pack_index
+    from surelock_fx.signature import pack_index
 
     x, positions, index, key_mask, *caches = inputs
     packed_rows, unpack_index = pack_index(index, x.shape[1])
@@ -216,7 +200,7 @@ def assert_in_place_graph_matches_functional(locked, rewritten, B: int, N: int, 
     """``rewritten``, a locked graph that updates its caches in place, against the functional
     ``locked`` on random inputs with padding rows: the same logits, and its cache inputs returned,
     holding what ``locked`` returns (the scratch slot aside: padding rows write it in any order)."""
-    from surelock_fx.passes import cache_specs
+    from surelock_fx.signature import cache_specs
 
     gen = torch.Generator().manual_seed(B * N + M)
     index = torch.stack([torch.randperm(N, generator=gen)[:M].sort().values for _ in range(B)])

@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig
 
-from helpers import tiny_model
 from surelock_fx.models import CheckpointError, ConfigError, LLaDAModel, from_hf_llada, load_model, save_model
 from surelock_fx.models import checkpoint as checkpoint_module
+
+from helpers import tiny_model
 
 IDS = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
 SHARD_BYTES = 40_000  # a tiny model is ~200 kB in float32, so this makes several shards

@@ -1,4 +1,4 @@
-"""benchmarks/quality_sweep.py on a tiny random checkpoint: rows, summary, the bound's points, README table."""
+"""benchmarks/quality_sweep.py on a tiny random checkpoint: rows, summary, the bound's points, the docs' table."""
 import json
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from helpers import save_task_checkpoint  # noqa: E402
 def swept(tmp_path_factory):
     ckpt = save_task_checkpoint(tmp_path_factory.mktemp("ckpt"))
     out = tmp_path_factory.mktemp("quality")
-    quality_sweep.main(["--model", str(ckpt), "--quick", "--n", "2", "--out", str(out), "--no-readme"])
+    quality_sweep.main(["--model", str(ckpt), "--quick", "--n", "2", "--out", str(out), "--no-docs"])
     return out, json.loads((out / "quality.json").read_text())
 
 
@@ -52,16 +52,24 @@ def test_bound_points_are_locked_positions_below_their_threshold(swept):
             assert kl <= eps and drift >= 0
 
 
-def test_outputs_and_readme_table(swept, tmp_path, monkeypatch):
+def test_outputs_and_docs_table(swept, tmp_path, monkeypatch):
     out, result = swept
     for name in ("accuracy_vs_flops.png", "active_fraction.png", "lock_timeline.png", "lock_bound.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "quality.md").read_text().count("\n| ") == len(result["rows"]) + 1
-    readme = tmp_path / "README.md"
+    doc = tmp_path / "quality.md"
     begin, end = quality_sweep.MARKERS
-    readme.write_text(f"intro\n{begin}\nold table\n{end}\noutro\n")
-    monkeypatch.setattr(quality_sweep, "README", readme)
-    quality_sweep.write_readme_table(result)
-    text = readme.read_text()
+    doc.write_text(f"intro\n{begin}\nold table\n{end}\noutro\n")
+    monkeypatch.setattr(quality_sweep, "DOC", doc)
+    quality_sweep.write_docs_table(result)
+    text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old table" not in text
     assert text.count("\n| eps ") == len(quality_sweep.lock_grid(full=False)) - 1
+
+
+def test_committed_docs_table_is_what_the_sweep_makes_of_the_committed_json():
+    """docs/quality.md's table is generated from benchmarks/figures/quality/quality.json (``summary_table``);
+    never edit it by hand."""
+    result = json.loads((quality_sweep.common.FIGURES / "quality" / "quality.json").read_text())
+    begin, end = quality_sweep.MARKERS
+    assert f"{begin}\n{quality_sweep.summary_table(result)}\n{end}" in quality_sweep.DOC.read_text()

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import train_small  # noqa: E402
-
 from surelock_fx import tasks  # noqa: E402
 from surelock_fx.models import load_model  # noqa: E402
+
+import train_small  # noqa: E402
 
 TINY = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--mlp-hidden", "48"]
 

@@ -1,0 +1,37 @@
+"""Seeded random weights for LLaDA models, shared by the tests and the benchmarks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .llada import LLaDAConfig, LLaDAModel
+
+
+def random_weights_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) -> LLaDAModel:
+    """Fill every parameter of ``model`` in place from a generator seeded with ``seed``; ``model`` in eval mode.
+
+    1-D parameters (norm weights) are uniform in [0.5, 1.5), the embedding N(0, 1), every other matrix
+    N(0, 1/fan_in), so activations stay O(1); an untied LM head ``logit_scale`` times that, so that the
+    softmax is peaked enough for predictions and confidences to differ.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    embedding, head = model.model.transformer.wte.weight, model.lm_head_weight
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5, generator=gen)
+            elif param is embedding:
+                param.normal_(0.0, 1.0, generator=gen)
+            else:
+                scale = logit_scale if param is head else 1.0
+                param.normal_(0.0, scale / math.sqrt(param.shape[1]), generator=gen)
+    return model.eval()
+
+
+def random_llada(config: LLaDAConfig, seed: int = 0, logit_scale: float = 3.0, device="cpu") -> LLaDAModel:
+    """A LLaDAModel on ``config`` with ``random_weights_``, built on the meta device and filled on ``device``
+    (no default initialisation to pay for: a 166M-parameter model takes seconds)."""
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    return random_weights_(model.to_empty(device=device), seed, logit_scale)
