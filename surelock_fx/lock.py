@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from .sampler import RowLogits, rows_per_chunk
+from .decoding import RowLogits, rows_per_chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,11 @@ class LockState:
         self.logits: torch.Tensor | None = None
         self.row = torch.full((B, N + 1), -1, dtype=torch.long, device=device)
         self._lse: torch.Tensor | None = None
+        # Held rows: the logits (and log-sum-exp) of candidates a pass left out although the lock rule could
+        # not lock them (a cache policy skipped them), from the last pass that computed them, until a pass
+        # computes them again (``hold``). Empty unless a pass skips such rows.
+        self.held = self.held_lse = None
+        self.held_row = torch.full_like(self.row, -1)
         # Trace for analysis: the update (step) at which each position locked, its KL then, and (if
         # the config keeps them) its logits from that pass, the last it was computed in.
         self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=device)
@@ -94,11 +99,32 @@ class LockState:
         will read (none without a lock rule), copied out."""
         if self.logits is None or len(self.logits) + incoming <= self.locked.numel():
             return
-        keep = torch.zeros_like(self.locked) if self.config is None else self._candidates(unmasked)[:, : self.seq]
+        keep = self.row[:, : self.seq] >= 0
+        keep &= torch.zeros_like(self.locked) if self.config is None else self._eligible(unmasked)[:, : self.seq]
         rows = self.row[:, : self.seq][keep]
         self.logits, self._lse = self.logits.index_select(0, rows), self._lse[rows]
         self.row = torch.full_like(self.row, -1)
         self.row[:, : self.seq][keep] = torch.arange(len(rows), device=rows.device)
+
+    def hold(self, computing: torch.Tensor, unmasked: torch.Tensor) -> None:
+        """Before a pass that computes the positions ``computing`` [B, N] of an input with ``unmasked`` [B, N]
+        positions decided: keep the latest logits of the candidates it leaves out (the lock rule's, not
+        computed now), so that a row's KL always compares its two latest computations."""
+        if self.config is None or self.logits is None:
+            return
+        dropped = self._eligible(unmasked) & (self.row >= 0) & ~self._with_scratch(computing)
+        if not dropped.any():
+            return
+        kept = (self.held_row >= 0) & ~dropped
+        old, new = self.held_row[kept], self.row[dropped]
+        if self.held is None:
+            self.held, self.held_lse = self.logits.index_select(0, new), self._lse[new]
+        else:
+            self.held = torch.cat([self.held.index_select(0, old), self.logits.index_select(0, new)])
+            self.held_lse = torch.cat([self.held_lse[old], self._lse[new]])
+        self.held_row = torch.full_like(self.held_row, -1)
+        self.held_row[kept] = torch.arange(len(old), device=old.device)
+        self.held_row[dropped] = len(old) + torch.arange(len(new), device=new.device)
 
     def update(self, index: torch.Tensor, logits: torch.Tensor, unmasked: torch.Tensor,
                rows_of_index: torch.Tensor | None = None) -> None:
@@ -107,8 +133,9 @@ class LockState:
         are [B, M, V] (or [B * M, V]), or with ``rows_of_index`` [B, M] any [R, V] holding entry (b, j)'s
         at row ``rows_of_index[b, j]`` (a packed graph's, ``pack_index``; padding entries' are not read).
 
-        The full-vocabulary KL is computed only for candidates (active rows already unmasked, also
-        computed in the latest pass): their new against their previous logits at temperature 1, in float32.
+        The full-vocabulary KL is computed only for candidates (active rows already unmasked, computed
+        before): their new logits against those of the last pass that computed them (the latest, or held:
+        ``hold``), at temperature 1, in float32.
         """
         B, M = index.shape
         logits = logits.reshape(-1, logits.shape[-1])
@@ -119,32 +146,33 @@ class LockState:
                              "rule still reads; a backend must return a fresh logits tensor per call")
         lse = torch.full((len(logits),), float("nan"), device=logits.device)
         if self.config is not None:
-            prev_row = self.row.gather(1, index)
             candidate = self._candidates(unmasked).gather(1, index)
             sure = torch.zeros_like(candidate)
             b, j = candidate.nonzero(as_tuple=True)
             if b.numel():
-                prev = prev_row[b, j]
-                # rows whose previous log-sum-exp is unknown first, so that few chunks compute it
-                order = torch.argsort(~self._lse[prev].isnan(), stable=True)
-                b, j, prev = b[order], j[order], prev[order]
                 rows = rows_of_index[b, j]
                 with record_function("surelock::kl"):
-                    sure[b, j], kl, lse[rows] = self._sure(logits, rows, prev, b, j, index.shape)
+                    kl, lse[rows] = self._kl(logits, rows, index[b, j], b)
+                sure[b, j] = self._sure(logits, rows, kl, lse[rows], b, j, index.shape)
                 locking = sure[b, j]
                 self._trace(b[locking], index[b, j][locking], kl[locking], logits, rows[locking])
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
+        self.held_row.scatter_(1, index, -1)  # computed now: the latest logits supersede the held ones
         self.row = torch.full_like(self.row, -1).scatter_(1, index, rows_of_index)
         self.logits, self._lse = logits, lse
         self.updates += 1
 
+    def _eligible(self, unmasked: torch.Tensor) -> torch.Tensor:
+        """[B, N + 1]: the positions the lock rule may lock in a pass with ``unmasked`` [B, N] decided:
+        unlocked, decided, and not in the prompt unless the prompt may lock."""
+        eligible = self._with_scratch(unmasked & ~self.locked)
+        return eligible if self.config.lock_prompt else eligible & ~self.prompt
+
     def _candidates(self, unmasked: torch.Tensor) -> torch.Tensor:
-        """[B, N + 1]: the positions whose KL a pass with ``unmasked`` [B, N] decided computes: unlocked,
-        decided, computed in the latest pass, and not in the prompt unless the prompt may lock."""
-        candidates = self._with_scratch(unmasked & ~self.locked) & (self.row >= 0)
-        return candidates if self.config.lock_prompt else candidates & ~self.prompt
+        """[B, N + 1]: the eligible positions whose KL a pass computes (if it computes them): computed before."""
+        return self._eligible(unmasked) & ((self.row >= 0) | (self.held_row >= 0))
 
     def _trace(self, batch_rows, positions, kl, logits, rows) -> None:
         """Record the positions locking now: their step, their KL, and (if kept) their ``rows`` of ``logits``."""
@@ -155,19 +183,39 @@ class LockState:
                 self.locked_logits = logits.new_full((*self.locked.shape, logits.shape[-1]), float("nan"))
             self.locked_logits[batch_rows, positions] = logits[rows]
 
-    def _sure(self, logits: torch.Tensor, rows: torch.Tensor, prev: torch.Tensor, b, j, shape):
-        """(lock decision, KL, log-sum-exp of the new logits) for candidate rows ``rows`` of ``logits``
-        [R, V] (index entries (b, j) of an index of ``shape``) against rows ``prev`` of the latest
-        pass's logits, a few rows at a time."""
-        chunk = rows_per_chunk(logits)
-        parts = [self.kl(logits, new, self.logits, old, _known_lse(self.logits, old, old_lse)) for new, old, old_lse
-                 in zip(rows.split(chunk), prev.split(chunk), self._lse[prev].split(chunk), strict=True)]
-        kl, lse = map(torch.cat, zip(*parts))
+    def _kl(self, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, b: torch.Tensor):
+        """(KL, log-sum-exp of the new logits) [C] of candidate rows ``rows`` of ``logits`` [R, V] (positions
+        ``positions`` of batch rows ``b``) against their previous logits, the latest pass's or the held ones."""
+        kl, lse = torch.empty(len(rows), device=logits.device), torch.empty(len(rows), device=logits.device)
+        latest = self.row[b, positions]
+        from_latest = latest >= 0
+        for part, store, store_lse, prev in ((from_latest, self.logits, self._lse, latest),
+                                             (~from_latest, self.held, self.held_lse, self.held_row[b, positions])):
+            if store is not None:
+                kl[part], lse[part] = _kl_chunked(self.kl, logits, rows[part], store, store_lse, prev[part])
+        return kl, lse
+
+    def _sure(self, logits: torch.Tensor, rows: torch.Tensor, kl: torch.Tensor, lse: torch.Tensor, b, j, shape):
+        """The lock decision of candidate rows ``rows`` of ``logits`` [R, V] (index entries (b, j) of an index
+        of ``shape``) given their ``kl`` and log-sum-exp ``lse``."""
         sure = kl <= self.config.kl_threshold
         if self.config.confidence_gate is not None:
             uncertainty = 1 - (logits.amax(-1)[rows].float() - lse).exp()
             sure &= _most_confident(uncertainty, b, j, shape, self.config.confidence_gate)
-        return sure, kl, lse
+        return sure
+
+
+def _kl_chunked(kl_fn, logits, rows, prev_logits, prev_lse, prev):
+    """``kl_fn`` of rows ``rows`` of ``logits`` against rows ``prev`` of ``prev_logits`` (log-sum-exps
+    ``prev_lse``, NaN where unknown), a few rows at a time; rows whose previous log-sum-exp is unknown
+    first, so that few chunks compute it."""
+    order = torch.argsort(~prev_lse[prev].isnan(), stable=True)
+    rows, prev = rows[order], prev[order]
+    chunk = rows_per_chunk(logits)
+    parts = [kl_fn(logits, new, prev_logits, old, _known_lse(prev_logits, old, old_lse)) for new, old, old_lse
+             in zip(rows.split(chunk), prev.split(chunk), prev_lse[prev].split(chunk), strict=True)]
+    kl, lse = map(torch.cat, zip(*parts)) if parts else (prev_lse[:0], prev_lse[:0])
+    return kl.new_empty(len(kl)).scatter_(0, order, kl), lse.new_empty(len(lse)).scatter_(0, order, lse)
 
 
 def _known_lse(logits: torch.Tensor, rows: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,10 @@ from torch import fx
 
 from .backends import Backend, TensorRT, get_backend
 from .capture import capture
+from .decoding import DecodeStats
 from .lock import LockConfig, kl_divergence
 from .passes.pipeline import LOCK, run_pipeline
 from .runtime import PACK_FROM, LockedForms, LockedRunner, LockSchedule
-from .sampler import DecodeStats
 from .signature import FlopModel, cache_specs, pack_index
 
 

@@ -12,17 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .decoding import DecodeStats, RowLogits, model_forward, special_ids
 from .lock import LockConfig, LockState
-from .sampler import DecodeStats, generate, model_forward, special_ids
 from .signature import active_index
 
 
 class ReplaceLockedKV(TorchFunctionMode):
-    """Within one forward pass: attention call l uses cache l's K/V at locked rows, then stores its K/V."""
+    """Within one forward pass: attention call l uses cache l's K/V at the ``skipped`` rows (locked, or left
+    out by a cache policy), then stores its K/V."""
 
-    def __init__(self, caches: list, locked: torch.Tensor):
+    def __init__(self, caches: list, skipped: torch.Tensor):
         super().__init__()
-        self.caches, self.locked, self.layer = caches, locked, 0
+        self.caches, self.skipped, self.layer = caches, skipped, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -32,7 +33,7 @@ class ReplaceLockedKV(TorchFunctionMode):
         if self.layer == len(self.caches):
             self.caches.append((k, v))
         cached_k, cached_v = self.caches[self.layer]
-        rows = self.locked[:, None, :, None]
+        rows = self.skipped[:, None, :, None]
         k, v = torch.where(rows, cached_k, k), torch.where(rows, cached_v, v)
         self.caches[self.layer] = (k, v)
         self.layer += 1
@@ -40,7 +41,9 @@ class ReplaceLockedKV(TorchFunctionMode):
 
 
 class ReferenceRunner:
-    """A forward function for ``generate`` that applies locking by the dense reference semantics."""
+    """A forward function for ``generate`` that applies locking, and the rows of a cache policy, by the dense
+    reference semantics: every row is computed, but a skipped row's keys and values are those of the last
+    pass that computed it, and its logits are not returned."""
 
     def __init__(self, model: torch.nn.Module, lock: LockConfig | None, stats: DecodeStats):
         self.forward = model_forward(model)
@@ -49,23 +52,28 @@ class ReferenceRunner:
         self.state: LockState | None = None
         self.caches: list = []
 
-    def __call__(self, x: torch.Tensor, attention_mask) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, attention_mask, rows: torch.Tensor | None = None) -> RowLogits:
         if self.state is None:
-            self.state = LockState(self.lock, x, self.mask_id)
-        with ReplaceLockedKV(self.caches, self.state.locked):
+            self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id)
+        unmasked = x != self.mask_id
+        skipped = self.state.locked if rows is None else self.state.locked | ~rows
+        if rows is not None:
+            self.state.hold(~skipped, unmasked)
+        with ReplaceLockedKV(self.caches, skipped):
             logits = self.forward(x, attention_mask)
         self.stats.forward_passes += 1
-        self.stats.active_counts.append(int((~self.state.locked).sum()))
-        self.stats.locked_counts.append(int(self.state.locked.sum()))
-        index, _ = active_index(self.state.locked)
+        self.stats.active_counts.append(int((~skipped).sum()))
+        self.stats.locked_counts.append(int(skipped.sum()))
+        index, _ = active_index(skipped)
         padded = torch.cat([logits, logits[:, :1]], dim=1)
         active = padded.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        self.state.update(index, active, x != self.mask_id)
-        return logits
+        self.state.update(index, active, unmasked)
+        return self.state.latest()
 
 
 class ReferenceModel:
-    """A ``sampler.Decodable`` that decodes ``model`` with locking by the dense reference semantics."""
+    """A ``decoding.Decodable`` that decodes ``model`` with locking (and cache policies) by the dense
+    reference semantics: ``generate(ReferenceModel(model), ...)``."""
 
     def __init__(self, model: torch.nn.Module):
         self.model, self.config = model, model.config
@@ -74,8 +82,3 @@ class ReferenceModel:
         if schedule is not None:
             raise ValueError("the reference semantics lock by the lock rule only; it takes no schedule")
         return ReferenceRunner(self.model, lock, stats)
-
-
-def reference_generate(model, prompt_ids, *, lock: LockConfig | None, **kwargs):
-    """``generate`` with locking applied by the dense reference semantics."""
-    return generate(ReferenceModel(model), prompt_ids, lock=lock, **kwargs)

@@ -18,8 +18,8 @@ from typing import Callable, Protocol
 import torch
 from torch.profiler import record_function
 
+from .decoding import DecodeStats, RowLogits, special_ids
 from .lock import LockConfig, LockState, kl_divergence
-from .sampler import DecodeStats, RowLogits, special_ids
 from .signature import CacheSpec, FlopModel, pack_index, padded_index
 
 LockedGraph = Callable[..., tuple]
@@ -118,7 +118,10 @@ class LockedRunner:
         self.positions = torch.arange(N, device=x.device).expand(B, N)
         self.stats.flops_dense = self.stats.flops_locked = self.stats.flops_computed = 0
 
-    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> RowLogits:
+    def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
+                 rows: torch.Tensor | None = None) -> RowLogits:
+        """One pass over ``x`` [B, N]: the unlocked positions, of ``rows`` [B, N] only if given (a cache
+        policy's choice, ``sampler.generate``'s ``cache``)."""
         B, N = x.shape
         if self.state is None:
             self._start(x)
@@ -132,11 +135,14 @@ class LockedRunner:
         key_mask = (torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None
                     else attention_mask.bool())
         unmasked = x != self.mask_id
+        skipped = self.state.locked if rows is None else self.state.locked | ~rows
         with record_function("surelock::index"):
-            plan = plan_pass(self.state.locked, self.bucket, self.full_from, padded=self.forms.padded is not None,
+            plan = plan_pass(skipped, self.bucket, self.full_from, padded=self.forms.padded is not None,
                              packed=self.forms.packed is not None, pack_from=self.pack_from)
             packing = pack_index(plan.index, N, plan.real) if plan.packed else ()
         with record_function("surelock::release"):
+            if rows is not None:
+                self.state.hold(~skipped, unmasked)
             self.state.release(unmasked, max(plan.real, 1) if packing else plan.index.numel())
         with record_function("surelock::graph"):
             graph = self.forms.packed if plan.packed else self.forms.padded

@@ -11,86 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-Forward = Callable[[torch.Tensor, "torch.Tensor | None"], "torch.Tensor | RowLogits"]
+from . import decoding
+from .decoding import Decodable, DecodeStats, Forward, RowLogits, model_forward, row_chunks, rows_per_chunk, special_ids
+from .reference import ReferenceModel
+
 REMASKING = ("low_confidence", "random")
-
-
-@dataclasses.dataclass
-class DecodeStats:
-    """What one decode did; the locking fields are filled by a locked runner, else left empty."""
-
-    steps: int = 0
-    forward_passes: int = 0
-    packed_passes: int = 0  # passes that ran a locked graph's packed form (passes.pack_rows)
-    wall_time_s: float = 0.0
-    active_counts: list[int] = dataclasses.field(default_factory=list)
-    locked_counts: list[int] = dataclasses.field(default_factory=list)
-    flops_dense: float | None = None
-    flops_locked: float | None = None
-    flops_computed: float | None = None  # what the locked graph computed, padding included
-    unmask_step: torch.Tensor | None = None  # [B, N]: step that committed each position, -1 for the prompt
-    lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, locked_logits)
-
-    @property
-    def flops_ratio(self) -> float | None:
-        if not self.flops_dense:
-            return None
-        return self.flops_locked / self.flops_dense
-
-    @property
-    def mean_active_fraction(self) -> float | None:
-        totals = [active + locked for active, locked in zip(self.active_counts, self.locked_counts)]
-        if not totals:
-            return None
-        return sum(a / t for a, t in zip(self.active_counts, totals)) / len(totals)
-
-
-@dataclasses.dataclass(frozen=True)
-class RowLogits:
-    """Logits of some positions of a [B, N] batch: ``rows`` [R, V] and ``row`` [B, N], the row of
-    each position (-1 where none was computed)."""
-
-    rows: torch.Tensor
-    row: torch.Tensor
-
-    @classmethod
-    def of(cls, logits: "torch.Tensor | RowLogits") -> "RowLogits":
-        """``logits`` as RowLogits; a dense [B, N, V] tensor is viewed, not copied."""
-        if isinstance(logits, RowLogits):
-            return logits
-        B, N, V = logits.shape
-        return cls(logits.reshape(B * N, V), torch.arange(B * N, device=logits.device).view(B, N))
-
-    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """The rows of ``positions`` [B, N] (bool); a clear error if one was not computed."""
-        rows = self.row[positions]
-        if (rows < 0).any():
-            raise ValueError("the forward returned no logits for a position the sampler reads (a masked one); "
-                             "a locked runner computes every unlocked position, and masked ones never lock")
-        return rows
-
-    def to_dense(self) -> torch.Tensor:
-        """[B, N, V] logits, NaN where no row was computed."""
-        dense = self.rows.new_full((*self.row.shape, self.rows.shape[-1]), float("nan"))
-        known = self.row >= 0
-        dense[known] = self.rows[self.row[known]]
-        return dense
-
-
-@runtime_checkable
-class Decodable(Protocol):
-    """What ``generate`` decodes through a runner: a model ``config`` and ``decode_runner(lock, stats,
-    schedule)``, the forward function of one decode (``schedule``: a ``runtime.LockSchedule`` or None)."""
-
-    config: object
-
-    def decode_runner(self, lock, stats: "DecodeStats", schedule=None) -> Forward: ...
+CACHES = (None, "prefix", "dual")
 
 
 @dataclasses.dataclass
@@ -99,24 +30,12 @@ class GenerateOutput:
     stats: DecodeStats
 
 
-def special_ids(config) -> tuple[int, int, int | None]:
-    """(mask, eos, eot) token ids from a model config; a clear error if there is no mask id."""
-    mask_id = getattr(config, "mask_token_id", None)
-    if mask_id is None:
-        raise ValueError(
-            "the model's config has no mask_token_id; set config.mask_token_id to the id of the mask token"
-        )
-    eos = getattr(config, "eos_token_id", None)
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    return mask_id, eos, getattr(config, "eot_token_id", None)
-
-
 def vocab_size(config) -> int:
     return getattr(config, "vocab_size")
 
 
 def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_length, temperature,
-                        remasking, cfg_scale, threshold, mask_id, vocab):
+                        remasking, cfg_scale, threshold, mask_id, vocab, cache=None):
     """Reject impossible settings and bad prompts with an error naming the fix."""
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
         raise ValueError("prompt_ids must be a 2-D tensor [batch, prompt_length] of token ids")
@@ -162,6 +81,8 @@ def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_
         raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
     if threshold is not None and not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
 
 
 def num_transfer_tokens(block_mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -192,7 +113,7 @@ class GumbelNoise:
 
     def _blocks(self, end: int):
         """(first row, block of U) for the rows from ``drawn`` up to ``end``, CHUNK_BYTES at a time."""
-        per_block = max(1, CHUNK_BYTES // (self.vocab * 8))
+        per_block = max(1, decoding.CHUNK_BYTES // (self.vocab * 8))
         while self.drawn < end:
             start, self.drawn = self.drawn, min(end, self.drawn + per_block)
             yield start, self._draw(self.drawn - start)
@@ -217,32 +138,24 @@ def add_gumbel_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.float64).exp() / noise
 
 
-def model_forward(model: torch.nn.Module) -> Forward:
-    """A plain model's forward as ``(x, attention_mask) -> logits``; accepts transformers outputs."""
-
-    def forward(x, attention_mask):
-        out = model(x, attention_mask=attention_mask)
-        return getattr(out, "logits", out)
-
-    return forward
-
-
-def guided_logits(forward: Forward, x, attention_mask, prompt_index, cfg_scale, mask_id):
-    """Logits of one step; with CFG the unconditional half has its prompt replaced by masks, and
-    RowLogits are combined at the masked positions only (the rows the sampler reads)."""
+def guided_logits(forward: Forward, x, attention_mask, prompt_index, cfg_scale, mask_id, read=None, rows=None):
+    """Logits of one step, of the positions ``rows`` [B, N] if given (a cache policy's; the forward then
+    takes them as its third argument); with CFG the unconditional half has its prompt replaced by masks, and
+    RowLogits are combined at the positions the sampler reads only (``read``, default: the masked ones)."""
     if cfg_scale <= 0:
-        return forward(x, attention_mask)
+        return forward(x, attention_mask) if rows is None else forward(x, attention_mask, rows)
     un_x = x.masked_fill(prompt_index, mask_id)
     mask2 = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    both = forward(torch.cat([x, un_x]), mask2)
+    both = forward(torch.cat([x, un_x]), mask2) if rows is None else forward(torch.cat([x, un_x]), mask2,
+                                                                             torch.cat([rows, rows]))
     if isinstance(both, torch.Tensor):
         cond, uncond = both.chunk(2)
         return uncond + (cfg_scale + 1) * (cond - uncond)
-    masked = x == mask_id
-    halves = [RowLogits(both.rows, half).rows_at(masked) for half in both.row.chunk(2)]
+    read = x == mask_id if read is None else read
+    halves = [RowLogits(both.rows, half).rows_at(read) for half in both.row.chunk(2)]
     cond, uncond = (both.rows.index_select(0, rows) for rows in halves)
     row = torch.full_like(x, -1)
-    row[masked] = torch.arange(len(halves[0]), device=x.device)
+    row[read] = torch.arange(len(halves[0]), device=x.device)
     return RowLogits(uncond + (cfg_scale + 1) * (cond - uncond), row)
 
 
@@ -250,10 +163,10 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
                     logits_eos_inf, confidence_eos_eot_inf, generator):
     """(x0, confidence) of one step: proposals and their confidence, -inf where nothing may change.
 
-    ``logits`` is [B, N, V] or RowLogits. Only masked positions take a proposal, and only those of the
-    current block a confidence; their logits are read once, a few rows at a time (``row_chunks``),
-    never copied whole. The Gumbel noise is
-    drawn for every position, as the reference draws it (``GumbelNoise``). The mask token is never proposed:
+    ``logits`` is [B, N, V] or RowLogits. Only the masked positions of the current block (before
+    ``block_end``: earlier blocks are done) take a proposal and a confidence; their logits are read once,
+    a few rows at a time (``row_chunks``), never copied whole. The Gumbel noise is drawn for every
+    position, as the reference draws it (``GumbelNoise``). The mask token is never proposed:
     committing it would leave the position masked (and stall threshold decoding forever). Trained
     models give it no mass, so this changes nothing for them.
     """
@@ -269,40 +182,19 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     confidence_banned = [tok for tok in (eos, eot) if tok is not None] if confidence_eos_eot_inf else []
     x0 = x.flatten().clone()
     x0_p = torch.full((B * N,), -torch.inf, device=x.device)
-    positions = mask_index.flatten().nonzero().squeeze(1)
-    for rows, chunk in zip(positions.split(rows_per_chunk(logits.rows)),
-                           row_chunks(logits.rows, logits.rows_at(mask_index))):
+    positions = live_rows.nonzero().squeeze(1)
+    for rows, chunk in zip(positions.split(rows_per_chunk(logits.rows)), row_chunks(logits.rows, logits.rows_at(live))):
         chunk[:, logits_banned] = -torch.inf
         scores = chunk if noise is None else add_gumbel_noise(chunk, noise.take(rows))
         x0[rows] = proposals_argmax(scores, mask_id)
         if scored:
             chunk[:, confidence_banned] = -torch.inf
-            keep = live_rows[rows]
-            if not keep.all():
-                rows, chunk = rows[keep], chunk[keep]
             x0_p[rows] = F.softmax(chunk.float(), dim=-1).gather(-1, x0[rows, None]).squeeze(-1)
     if noise is not None:
         noise.finish()
     if not scored:
         x0_p[live_rows] = torch.rand(x.shape, device=x.device, generator=generator)[live]
     return x0.view(B, N), x0_p.view(B, N)
-
-
-# How much of a [rows, V] logits tensor is copied at a time (``rows_per_chunk``): little enough to
-# stay in cache and be served from the allocator's free memory. A copy of all masked or candidate
-# rows at once (hundreds of MB at a large batch) is freshly mapped, page by page, every step.
-CHUNK_BYTES = 4 << 20
-
-
-def rows_per_chunk(rows_of: torch.Tensor) -> int:
-    """How many rows of ``rows_of`` [rows, V] make CHUNK_BYTES (at least one)."""
-    return max(1, CHUNK_BYTES // (rows_of.shape[1] * rows_of.element_size()))
-
-
-def row_chunks(rows_of: torch.Tensor, rows: torch.Tensor):
-    """Copies of ``rows`` of ``rows_of`` [R, V], ``rows_per_chunk`` rows at a time."""
-    for part in rows.split(rows_per_chunk(rows_of)):
-        yield rows_of.index_select(0, part)
 
 
 def proposals_argmax(scores: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -358,12 +250,15 @@ def select_threshold(confidence: torch.Tensor, threshold: float) -> torch.Tensor
 def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", cfg_scale=0.0, threshold=None, logits_eos_inf=False,
              confidence_eos_eot_inf=False, attention_mask=None, generator=None, progress=False,
-             lock=None, schedule=None) -> GenerateOutput:
+             lock=None, cache=None, schedule=None) -> GenerateOutput:
     """Decode ``gen_length`` tokens after ``prompt_ids`` [B, P] with LLaDA's sampler.
 
     ``model`` is a plain model (dense decode) or a ``Decodable`` such as the result of
     ``surelock_fx.optimize`` (locked decode when ``lock`` is a LockConfig, its rewritten graph with nothing
-    locked when ``lock`` is None). ``schedule``: a ``runtime.LockSchedule`` deciding which rows each pass
+    locked when ``lock`` is None). ``cache``: Fast-dLLM's "prefix" or "dual" cache as the rows each pass
+    computes (``cache_rows``; docs/DESIGN.md §2): each block starts with a pass over every position and
+    runs until it has no mask left; a plain model runs them by the dense reference semantics
+    (``surelock_fx.reference``). ``schedule``: a ``runtime.LockSchedule`` deciding which rows each pass
     skips instead of the lock rule (replaying a recorded decode; needs a Decodable).
     """
     config = model.config
@@ -373,9 +268,10 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
         attention_mask = None if attention_mask is None else attention_mask.unsqueeze(0)
     check_generate_args(prompt_ids, attention_mask, gen_length=gen_length, steps=steps,
                         block_length=block_length, temperature=temperature, remasking=remasking,
-                        cfg_scale=cfg_scale, threshold=threshold, mask_id=mask_id, vocab=vocab_size(config))
+                        cfg_scale=cfg_scale, threshold=threshold, mask_id=mask_id, vocab=vocab_size(config),
+                        cache=cache)
     stats = DecodeStats()
-    forward = decode_forward(model, lock, stats, schedule)
+    forward = decode_forward(model, lock, stats, schedule, cache)
     B, P = prompt_ids.shape
     device = prompt_ids.device
     with torch.inference_mode():  # every step's input an inference tensor: one compiled graph serves all
@@ -398,17 +294,20 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
     with torch.inference_mode():
         for block in range(num_blocks):
             lo, hi = P + block * block_length, P + (block + 1) * block_length
-            schedule = num_transfer_tokens(x[:, lo:hi] == mask_id, steps_per_block)
+            transfers = num_transfer_tokens(x[:, lo:hi] == mask_id, steps_per_block)
             step = 0
-            while (x[:, lo:hi] == mask_id).any() if threshold else step < steps_per_block:
+            while block_runs(x[:, lo:hi] == mask_id, step, steps_per_block, threshold, cache):
                 mask_index = x == mask_id
-                logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id)
+                live = mask_index.clone()
+                live[:, hi:] = False
+                rows = cache_rows(cache, step, x.shape, lo, hi)
+                logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id, live, rows)
                 x0, confidence = step_candidates(logits, x, mask_index, hi, **candidates)
                 del logits  # not held through the next forward pass
                 if threshold:
                     transfer = select_threshold(confidence, threshold)
                 else:
-                    transfer = select_topk(confidence, schedule[:, step])
+                    transfer = select_topk(confidence, transfers[:, step])
                 x = torch.where(transfer, x0, x)
                 stats.unmask_step[transfer] = stats.steps
                 step += 1
@@ -419,14 +318,38 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
     return GenerateOutput(tokens=x, stats=stats)
 
 
-def decode_forward(model, lock, stats: DecodeStats, schedule=None) -> Forward:
-    """The forward function a decode runs: a Decodable's runner, or a plain model's own forward."""
+def block_runs(block_masked: torch.Tensor, step: int, steps_per_block: int, threshold, cache) -> bool:
+    """Whether a block takes another step: with ``threshold``, while any row has a mask in it; with a cache
+    policy, for at most ``steps_per_block`` steps, and while any row has a mask in it (Fast-dLLM's loops);
+    else for ``steps_per_block`` steps (LLaDA's)."""
+    if threshold:
+        return bool(block_masked.any())
+    return step < steps_per_block and (cache is None or bool(block_masked.any()))
+
+
+def cache_rows(cache, step: int, shape, lo: int, hi: int) -> torch.Tensor | None:
+    """The positions [B, N] a pass of a cache policy computes at ``step`` of the block [lo, hi): None (every
+    position) at the block's first step and without a policy; then from the block's start to the end
+    ("prefix") or the block only ("dual"). The rows left out keep the keys and values of the pass that
+    last computed them."""
+    if cache is None or step == 0:
+        return None
+    positions = torch.arange(shape[1])
+    rows = positions >= lo if cache == "prefix" else (positions >= lo) & (positions < hi)
+    return rows.expand(shape)
+
+
+def decode_forward(model, lock, stats: DecodeStats, schedule=None, cache=None) -> Forward:
+    """The forward function a decode runs: a Decodable's runner, the dense reference semantics of a cache
+    policy for a plain model, or a plain model's own forward."""
     if isinstance(model, Decodable):
         return model.decode_runner(lock, stats, schedule)
     if lock is not None or schedule is not None:
         raise ValueError(
             "locking needs an optimized model: call surelock_fx.optimize(model) and pass its result to generate()"
         )
+    if cache is not None:
+        return ReferenceModel(model).decode_runner(None, stats)
     forward = model_forward(model)
 
     def counted(x, attention_mask):

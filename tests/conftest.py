@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-import surelock_fx.sampler
+import surelock_fx.decoding
 
 torch.set_num_threads(1)
 inductor_config.compile_threads = 1
@@ -14,7 +14,7 @@ inductor_config.compile_threads = 1
 @pytest.fixture(params=["whole", "one-row-chunks"])
 def logits_chunks(request, monkeypatch):
     """Run a test with the sampler and the lock rule reading logits all in one chunk, or one row
-    at a time (``surelock_fx.sampler.CHUNK_BYTES``): the results must not depend on it."""
+    at a time (``surelock_fx.decoding.CHUNK_BYTES``): the results must not depend on it."""
     if request.param == "one-row-chunks":
-        monkeypatch.setattr(surelock_fx.sampler, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(surelock_fx.decoding, "CHUNK_BYTES", 1)
     return request.param

@@ -5,7 +5,7 @@ import torch
 import surelock_fx
 from surelock_fx.backends import get_backend
 from surelock_fx.lock import LockConfig, LockState, kl_divergence, log_sum_exp
-from surelock_fx.reference import reference_generate
+from surelock_fx.reference import ReferenceModel
 from surelock_fx.runtime import LockedForms, runs_packed
 from surelock_fx.signature import active_index
 
@@ -68,7 +68,7 @@ LOCKS = [
 def test_locked_decode_equals_reference_semantics(model, optimized, lock, settings):
     p = prompts(3, 5, seed=11)
     fast = surelock_fx.generate(optimized, p, lock=lock, **settings)
-    ref = reference_generate(model, p, lock=lock, **settings)
+    ref = surelock_fx.generate(ReferenceModel(model), p, lock=lock, **settings)
     assert torch.equal(fast.tokens, ref.tokens)
     assert fast.stats.active_counts == ref.stats.active_counts
     assert fast.stats.locked_counts == ref.stats.locked_counts
@@ -90,7 +90,7 @@ def test_packed_decode_computes_only_the_real_rows(model, optimized):
     p = prompts(3, 5, seed=11)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
     fast = surelock_fx.generate(recorded, p, **kw)
-    assert torch.equal(fast.tokens, reference_generate(model, p, **kw).tokens)
+    assert torch.equal(fast.tokens, surelock_fx.generate(ReferenceModel(model), p, **kw).tokens)
     assert [rows for rows, _ in calls] == fast.stats.active_counts
     assert any(rows < entries for rows, entries in calls)
 
@@ -127,7 +127,8 @@ def test_locked_decode_of_transformers_llama_equals_reference_semantics(model):
     optimized = surelock_fx.optimize(llama)
     p = prompts(2, 5, seed=2)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
-    assert torch.equal(surelock_fx.generate(optimized, p, **kw).tokens, reference_generate(llama, p, **kw).tokens)
+    reference = surelock_fx.generate(ReferenceModel(llama), p, **kw)
+    assert torch.equal(surelock_fx.generate(optimized, p, **kw).tokens, reference.tokens)
 
 
 def direct_kl(new, old):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import surelock_fx.sampler
+import surelock_fx.decoding
 from surelock_fx import generate
 from surelock_fx.sampler import (
     ARGMAX_BLOCK,
@@ -374,7 +374,7 @@ def test_first_argmax_is_torch_argmax(vocab, dtype):
 def test_gumbel_noise_drawn_in_blocks_is_one_whole_draw(monkeypatch, chunk_bytes):
     """Rows taken in ascending chunks, then ``finish``: the reference's numbers, and the generator
     left where the reference's one draw of all rows leaves it."""
-    monkeypatch.setattr(surelock_fx.sampler, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(surelock_fx.decoding, "CHUNK_BYTES", chunk_bytes)
     rows, vocab, temperature = 11, 7, 0.7
     generator = torch.Generator().manual_seed(3)
     whole = (-torch.log(torch.rand(rows, vocab, dtype=torch.float64, generator=generator))) ** temperature
