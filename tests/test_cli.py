@@ -53,12 +53,12 @@ def checkpoint(tmp_path_factory, model):
     return path
 
 
-def expected_answer(model, prompt_words, lock=None):
-    """Greedy decode of the word ids (``lock``: by ``model`` optimized), cut at the first EOS/EOT, rendered
-    without special tokens."""
+def expected_answer(model, prompt_words, lock=None, cache=None):
+    """Greedy decode of the word ids (``lock``, ``cache``: by ``model`` optimized), cut at the first EOS/EOT,
+    rendered without special tokens."""
     ids = torch.tensor([[VOCAB[w] for w in prompt_words]])
-    decoder = model if lock is None else optimize(model)
-    out = generate(decoder, ids, gen_length=12, steps=6, block_length=4, lock=lock)
+    decoder = model if lock is None and cache is None else optimize(model)
+    out = generate(decoder, ids, gen_length=12, steps=6, block_length=4, lock=lock, cache=cache)
     generated = out.tokens[0, ids.shape[1]:].tolist()
     stop = next(i for i, tok in enumerate(generated) if tok in (98, 99))
     assert 0 < stop < len(generated) - 1, "the fixture should stop at EOS/EOT partway through"
@@ -94,6 +94,16 @@ def test_generate_locked_prints_the_locked_answer_and_its_flops(checkpoint, mode
     assert out.strip() == expected_answer(model, ["t5", "t17", "t3"], LockConfig(kl_threshold=0.5, confidence_gate=1.0))
     ratio = float(re.search(r"locked at KL 0.5: FLOPs ratio ([0-9.]+)", err).group(1))
     assert 0 < ratio < 1  # the prompt and early answer tokens locked
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_generate_with_a_cache_policy_prints_its_answer_and_flops(checkpoint, model, capsys, cache):
+    argv = ["generate", "--model", str(checkpoint), "--prompt", "t5 t17 t3", *SCHEDULE, "--cache", cache]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == expected_answer(model, ["t5", "t17", "t3"], cache=cache)
+    ratio = float(re.search(rf"{cache} cache: FLOPs ratio ([0-9.]+)", err).group(1))
+    assert 0 < ratio < 1
 
 
 def test_generate_with_a_backend_alone_decodes_densely(checkpoint, model, capsys):

@@ -50,6 +50,20 @@ def test_eval_writes_json_rows(checkpoint, tmp_path, capsys):
     assert "acc dense" in capsys.readouterr().out
 
 
+def test_eval_reports_each_cache_policy_alone_and_locked(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(checkpoint), "--task", "add", "--n", "3", "--gen-length", "8", "--steps", "8",
+                 "--block-length", "4", "--lock-eps", "1.0", "--cache", "prefix", "dual", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["cache"], r["lock"] and r["lock"]["kl_threshold"]) for r in rows] == [
+        (None, 1.0), ("prefix", None), ("prefix", 1.0), ("dual", None), ("dual", 1.0)]
+    ratio = {(r["cache"], r["lock"] is not None): r["flops_ratio"] for r in rows}
+    assert ratio["dual", False] < ratio["prefix", False] < 1
+    assert ratio["dual", True] <= ratio["dual", False] and ratio["prefix", True] <= ratio["prefix", False]
+    assert all(r["tokens_per_s"] > 0 and r["forward_passes"] <= r["forward_passes_dense"] for r in rows)
+    assert "dual" in capsys.readouterr().out
+
+
 def test_eval_reads_a_jsonl_task_file(checkpoint, tmp_path):
     tasks_file = tmp_path / "mine.jsonl"
     tasks_file.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(4)))

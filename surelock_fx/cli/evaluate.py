@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 from .. import tasks
-from ..evaluate import evaluate_locking
+from ..evaluate import Setting, evaluate_settings
 from ..models import load_model
 from ..text import load_tokenizer
 from .options import (
+    CACHE_HELP,
     DTYPES,
     CLIError,
     add_lock_arguments,
@@ -31,7 +32,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-length", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--block-length", type=int, default=None)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Fast-dLLM confidence threshold: dynamic steps (default: off)")
     add_lock_arguments(parser, several=True)
+    parser.add_argument("--cache", nargs="+", choices=("prefix", "dual"), default=[],
+                        help=CACHE_HELP + "; each alone and with each --lock-eps (default: none)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, default=None, help="write the result rows here")
 
@@ -47,19 +52,23 @@ def _problems(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Decode fresh problems dense and locked; print and optionally save the comparison."""
+    """Decode fresh problems dense, locked (each --lock-eps) and with each --cache policy (alone and locked);
+    print and optionally save the comparison."""
     path = args.model or default_checkpoint()
     tokenizer = load_tokenizer(Path(path))
     model = load_model(path, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     decode = dict(tasks.DEFAULT_DECODE)
     decode.update({k: v for k, v in (("gen_length", args.gen_length), ("steps", args.steps),
-                                     ("block_length", args.block_length)) if v is not None})
+                                     ("block_length", args.block_length), ("threshold", args.threshold))
+                   if v is not None})
     locks = [lock_config(args, eps) for eps in args.lock_eps]
+    settings = [Setting(lock=lock) for lock in locks]
+    settings += [Setting(cache, lock) for cache in args.cache for lock in (None, *locks)]
     optimized = optimize_with_backend(model, args)
     rows = []
     for task in args.task or list(tasks.TASKS):
-        for row in evaluate_locking(model, optimized, tokenizer, _problems(task, args.n, args.seed), locks,
-                                    batch_size=args.batch_size, **decode):
+        for row in evaluate_settings(model, optimized, tokenizer, _problems(task, args.n, args.seed), settings,
+                                     batch_size=args.batch_size, **decode):
             rows.append(dict(task=Path(task).stem, seed=args.seed, decode=decode, **row))
     print(format_rows(rows))
     if args.json:
@@ -70,17 +79,19 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def format_rows(rows: list[dict]) -> str:
-    """A plain-text table of result rows."""
-    head = f"{'task':<10}{'eps':>9}{'gate':>6}{'acc dense':>11}{'acc locked':>12}{'agree':>8}" \
-           f"{'FLOPs':>8}{'active':>8}{'time d/l (s)':>16}"
+    """A plain-text table of result rows (``-`` where a row does not lock or has no cache policy)."""
+    head = (f"{'task':<10}{'eps':>9}{'gate':>6}{'acc dense':>11}{'acc locked':>12}{'agree':>8}{'FLOPs':>8}"
+            f"{'active':>8}{'time d/l (s)':>16}{'tok/s d/l':>14}  cache")
     lines = [head]
     for r in rows:
-        gate = r["lock"]["confidence_gate"]
+        lock = r["lock"] or {}
+        eps, gate = lock.get("kl_threshold"), lock.get("confidence_gate")
         lines.append(
-            f"{r.get('task', '-'):<10}{r['lock']['kl_threshold']:>9.0e}{'-' if gate is None else gate:>6}"
+            f"{r.get('task', '-'):<10}{'-' if eps is None else f'{eps:.0e}':>9}{'-' if gate is None else gate:>6}"
             f"{r['accuracy_dense']:>11.3f}{r['accuracy_locked']:>12.3f}{r['token_agreement']:>8.3f}"
             f"{r['flops_ratio']:>8.3f}{r['mean_active_fraction']:>8.3f}"
             f"{r['wall_dense_s']:>8.2f}/{r['wall_locked_s']:<7.2f}"
+            f"{r['tokens_per_s_dense']:>7.0f}/{r['tokens_per_s']:<6.0f}  {r.get('cache') or '-'}"
         )
     return "\n".join(lines)
 

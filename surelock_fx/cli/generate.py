@@ -9,7 +9,15 @@ import torch
 from ..models import load_config, load_model
 from ..sampler import REMASKING, generate
 from ..text import decode_answer, encode_prompt, load_tokenizer
-from .options import DTYPES, add_lock_arguments, add_model_arguments, lock_config, optimize_with_backend, resolve_device
+from .options import (
+    CACHE_HELP,
+    DTYPES,
+    add_lock_arguments,
+    add_model_arguments,
+    lock_config,
+    optimize_with_backend,
+    resolve_device,
+)
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,13 +35,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="Fast-dLLM confidence threshold: dynamic steps (default: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--cache", choices=("prefix", "dual"), default=None, help=CACHE_HELP + " (default: none)")
     add_lock_arguments(parser, several=False)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    """Load the checkpoint and its tokenizer, decode one answer (locked with ``--lock-eps``, through
-    ``optimize(model, --backend)`` with ``--lock-eps`` or ``--backend``), print it; a locked decode's
-    FLOPs ratio and mean active fraction go to stderr."""
+    """Load the checkpoint and its tokenizer, decode one answer (locked with ``--lock-eps``, with a cache policy
+    with ``--cache``; through ``optimize(model, --backend)`` with any of them or ``--backend``), print it; the
+    FLOPs ratio and mean active fraction of a decode that skipped rows go to stderr."""
     config = load_config(args.model)  # cheap checks first: directory, config.json
     tokenizer = load_tokenizer(args.model)
     device = resolve_device(args.device)
@@ -43,14 +52,16 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     lock = None if args.lock_eps is None else lock_config(args, args.lock_eps)
-    if lock is not None or args.backend is not None:
+    if lock is not None or args.cache is not None or args.backend is not None:
         model = optimize_with_backend(model, args)
-    out = generate(model, prompt_ids, lock=lock, gen_length=args.gen_length, steps=args.steps,
+    out = generate(model, prompt_ids, lock=lock, cache=args.cache, gen_length=args.gen_length, steps=args.steps,
                    block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
                    cfg_scale=args.cfg_scale, threshold=args.threshold, generator=generator, progress=True)
     generated = out.tokens[0, prompt_ids.shape[1]:].tolist()
     print(decode_answer(tokenizer, generated, (config.eos_token_id, config.eot_token_id)))
-    if lock is not None:
-        print(f"locked at KL {lock.kl_threshold:g}: FLOPs ratio {out.stats.flops_ratio:.3f}, mean active fraction "
+    if lock is not None or args.cache is not None:
+        how = " and ".join(filter(None, (lock and f"locked at KL {lock.kl_threshold:g}", args.cache and
+                                         f"{args.cache} cache")))
+        print(f"{how}: FLOPs ratio {out.stats.flops_ratio:.3f}, mean active fraction "
               f"{out.stats.mean_active_fraction:.3f}, {out.stats.wall_time_s:.2f} s", file=sys.stderr)
     return 0

@@ -43,6 +43,10 @@ def add_lock_arguments(parser: argparse.ArgumentParser, several: bool) -> None:
     parser.add_argument("--backend", choices=BACKEND_NAMES, default=None, help="optimize() backend (default: eager)")
 
 
+CACHE_HELP = ("Fast-dLLM's K/V cache as the rows each step computes: 'prefix' (the block and the suffix) or "
+              "'dual' (the block only), after a full pass at each block start")
+
+
 def lock_config(args: argparse.Namespace, eps: float) -> LockConfig:
     """The LockConfig of ``add_lock_arguments``' options, locking at ``eps``."""
     return LockConfig(kl_threshold=eps, confidence_gate=args.confidence_gate, lock_prompt=not args.no_lock_prompt)
