@@ -15,8 +15,8 @@ def random_weights_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) 
     N(0, 1/fan_in), so activations stay O(1); an untied LM head ``logit_scale`` times that, so that the
     softmax is peaked enough for predictions and confidences to differ.
     """
-    gen = torch.Generator().manual_seed(seed)
     embedding, head = model.model.transformer.wte.weight, model.lm_head_weight
+    gen = torch.Generator(device=embedding.device).manual_seed(seed)  # the same draws on CPU, any device
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() == 1:
