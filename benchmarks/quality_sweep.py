@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import surelock_fx  # noqa: E402
 from surelock_fx import tasks  # noqa: E402
 from surelock_fx.evaluate import accuracy, compare, decode_problems  # noqa: E402
 from surelock_fx.text import encode_batch  # noqa: E402
+
+import common  # noqa: E402
 
 EPSILONS = [5e-8, 5e-4, 5e-3, 5e-2]
 DOC = common.ROOT / "docs" / "quality.md"  # the file whose quality-table block ``write_docs_table`` fills
@@ -66,7 +66,7 @@ def lock_label(lock) -> str:
 
 def active_curve(stats) -> list[float]:
     """Active fraction per step, averaged over the batches of a run."""
-    curves = [[a / (a + l) for a, l in zip(s.active_counts, s.locked_counts)] for s in stats]
+    curves = [[a / (a + skipped) for a, skipped in zip(s.active_counts, s.locked_counts)] for s in stats]
     return [sum(c[i] for c in curves) / len(curves) for i in range(min(len(c) for c in curves))]
 
 
@@ -103,8 +103,8 @@ def timeline(run, row: int = 0) -> list[list[int]]:
 
 
 def sweep(args) -> dict:
-    from surelock_fx.text import load_tokenizer
     from surelock_fx.models import load_model
+    from surelock_fx.text import load_tokenizer
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(Path(args.model))
@@ -146,7 +146,8 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for gen in sorted({r["decode"]["gen_length"] for r in result["rows"]}):
         rs = [r for r in result["rows"] if r["decode"]["gen_length"] == gen]
-        ax.scatter([r["flops_ratio"] for r in rs], [r["accuracy_locked"] for r in rs], label=f"gen_length {gen}", alpha=0.7)
+        ax.scatter([r["flops_ratio"] for r in rs], [r["accuracy_locked"] for r in rs], label=f"gen_length {gen}",
+                   alpha=0.7)
     ax.set(xlabel="FLOPs ratio (locked / dense)", ylabel="accuracy (locked)", title="Accuracy vs FLOPs ratio")
     ax.legend()
     paths.append(_save(fig, out / "accuracy_vs_flops.png"))
@@ -164,7 +165,8 @@ def plot(result: dict, out: Path) -> list[Path]:
     cmap = matplotlib.colors.ListedColormap(["#d9d9d9", "#4c72b0", "#dd8452"])
     ax.imshow(torch.tensor(result["timelines"][name]).T.numpy(), aspect="auto", cmap=cmap, vmin=0, vmax=2,
               interpolation="nearest", origin="lower")
-    ax.set(xlabel="decoding step", ylabel="position", title=f"Lock timeline: grey masked, blue active, orange locked\n{name}")
+    ax.set(xlabel="decoding step", ylabel="position",
+           title=f"Lock timeline: grey masked, blue active, orange locked\n{name}")
     paths.append(_save(fig, out / "lock_timeline.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -214,7 +216,8 @@ def summary(result: dict) -> list[dict]:
 
 def summary_table(result: dict) -> str:
     """The docs' table (docs/quality.md): one row per lock setting, averaged over the decode settings."""
-    lines = ["| lock | decode settings | acc dense | acc locked | worst change | token agreement | FLOPs ratio | wall ratio |",
+    lines = ["| lock | decode settings | acc dense | acc locked | worst change | token agreement | FLOPs ratio "
+             "| wall ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary(result):
         lines.append(f"| {r['label']} | {r['settings']} | {r['accuracy_dense']:.3f} | {r['accuracy_locked']:.3f} | "

@@ -35,14 +35,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from surelock_fx.models import LLaDAConfig, LLaDAModel, save_model  # noqa: E402
 from surelock_fx.evaluate import task_accuracy  # noqa: E402
-from surelock_fx.tasks import (DEFAULT_DECODE, GEN_LENGTH, GENERATORS, TASKS,  # noqa: E402
-                               build_tokenizer, encode_prompt, special_token_ids)
+from surelock_fx.models import LLaDAConfig, LLaDAModel, save_model  # noqa: E402
+from surelock_fx.tasks import (  # noqa: E402
+    DEFAULT_DECODE,
+    GEN_LENGTH,
+    GENERATORS,
+    TASKS,
+    build_tokenizer,
+    encode_prompt,
+    special_token_ids,
+)
+
+from common import machine_info  # noqa: E402
 
 EPS = 1e-3
 PROMPT_TOKENS = 20  # a typical prompt length, for scaling the batch of long-region steps
@@ -222,8 +230,8 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer()
     model = make_model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 4 / 2**20:.1f} MiB fp32); "
-          f"config {json.dumps({k: getattr(model.config, k) for k in ('d_model', 'n_layers', 'n_heads', 'mlp_hidden_size', 'vocab_size')})}",
+    sizes = {k: getattr(model.config, k) for k in ('d_model', 'n_layers', 'n_heads', 'mlp_hidden_size', 'vocab_size')}
+    print(f"model: {n_params / 1e6:.2f}M parameters ({n_params * 4 / 2**20:.1f} MiB fp32); config {json.dumps(sizes)}",
           flush=True)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

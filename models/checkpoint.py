@@ -80,7 +80,8 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> LLaDAMode
         if missing:
             parts.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
         if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+            more = " ..." if len(unexpected) > 8 else ""
+            parts.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:8])}{more}")
         raise CheckpointError(f"{path} does not match a LLaDA model: " + "; ".join(parts))
     return model.eval()
 

@@ -8,7 +8,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import quality_sweep  # noqa: E402
-
 from helpers import save_task_checkpoint  # noqa: E402
 
 
