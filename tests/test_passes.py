@@ -124,6 +124,58 @@ class CausalAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(h, h, h, is_causal=self.causal)
 
 
+class WindowedAttention(torch.nn.Module):
+    """Attention under a mask computed from the sequence length alone: |q - k| <= window (a sliding window)."""
+
+    def __init__(self, window):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.window = window
+
+    def forward(self, input_ids, position_ids):
+        h = self.embed(input_ids)[:, None]
+        positions = torch.arange(input_ids.shape[1])
+        mask = (positions[:, None] - positions[None, :]).abs() <= self.window
+        return F.scaled_dot_product_attention(h, h, h, attn_mask=mask)
+
+
+def test_a_window_wider_than_the_example_is_seen_and_refused():
+    """The example sequence (8 positions) is shorter than the window (12): the mask allows every key there,
+    and only at a longer sequence blocks some. It must be refused, not detached."""
+    with pytest.raises(UnsupportedGraphError, match="blocks some positions at sequence length 26"):
+        capture(WindowedAttention(12))
+
+
+def test_a_window_too_wide_to_check_is_refused():
+    with pytest.raises(UnsupportedGraphError, match="compares positions with 100000"):
+        capture(WindowedAttention(100_000))
+
+
+def test_transformers_sliding_window_is_refused_without_it_accepted():
+    """transformers' Mistral with a 12-position window (bidirectional, sdpa) was once accepted and decoded
+    other tokens than the dense model; without the window it is locked exactly."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(window):
+        config = MistralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                               attn_implementation="sdpa", max_position_embeddings=128)
+        config.is_causal = False
+        torch.manual_seed(0)
+        return MistralForCausalLM(config).eval()
+
+    with pytest.raises(UnsupportedGraphError, match="sliding window"):
+        capture(mistral(12))
+    model = mistral(None)
+    gm = lock_rows(capture(model))
+    N = 20
+    x = torch.randint(0, 101, (1, N), generator=torch.Generator().manual_seed(1))
+    inputs = (x, torch.arange(N)[None], torch.arange(N)[None], torch.ones(1, N, dtype=torch.bool))
+    caches = [torch.zeros(1, s.heads, N + 1, s.head_dim) for s in cache_specs(gm)]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs, *caches)[0], model(x).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "model, message",
     [
