@@ -34,6 +34,12 @@ DIM_OPS = {
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2,
     aten.cat.default: 1, aten.argmax.default: 1, aten.cumsum.default: 1,
 }
+# Normalizations over trailing dims (normalized_shape, the argument at index 1): row-wise unless a sequence
+# axis is among them.
+TRAILING_NORMS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
+# Reductions of a whole tensor to a scalar: over every position at once.
+FULL_REDUCTIONS = {aten.max.default, aten.min.default, aten.sum.default, aten.mean.default, aten.amax.default,
+                   aten.any.default, aten.all.default}
 BOOKKEEPING = {
     aten.sym_size.int, aten._assert_tensor_metadata.default, aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default, operator.getitem,
@@ -136,6 +142,14 @@ def _check_node(node: fx.Node, seq) -> None:
     first = inputs[0]
     rows = in_rows[first]
     ndim = _val(first).dim()
+    if target in TRAILING_NORMS:
+        if min(rows) >= ndim - len(node.args[1]):
+            raise UnsupportedGraphError(node, "it normalizes over the sequence axis")
+        return
+    if target in FULL_REDUCTIONS and len(node.args) == 1:
+        raise UnsupportedGraphError(node, "it reduces over every position at once (as a rotary embedding that "
+                                    "picks its scaling from the longest position does: Phi-3's LongRoPE, dynamic "
+                                    "RoPE); use a model whose computation of a row does not depend on the others")
     if target in DIM_OPS:
         index = DIM_OPS[target]
         dims = node.args[index] if len(node.args) > index else node.kwargs.get("dim", list(range(ndim)))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+import surelock_fx
 from surelock_fx.capture import capture
 from surelock_fx.passes import UnsupportedGraphError, detach_full_attention_masks, lock_rows, remove_metadata_asserts
 from surelock_fx.reference import ReplaceLockedKV
@@ -176,15 +177,67 @@ def test_transformers_sliding_window_is_refused_without_it_accepted():
         torch.testing.assert_close(gm(*inputs, *caches)[0], model(x).logits, rtol=1e-4, atol=1e-4)
 
 
+class SequenceLayerNorm(torch.nn.Module):
+    """A layer norm over the positions and the features together: not row-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+
+    def forward(self, input_ids, position_ids):
+        h = self.embed(input_ids)
+        return F.layer_norm(h, h.shape[1:])
+
+
+class WholeMaxScaling(torch.nn.Module):
+    """Scales every row by the largest position (as LongRoPE picks its factors): not row-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+
+    def forward(self, input_ids, position_ids):
+        return self.embed(input_ids) * position_ids.max()
+
+
+def test_gpt2_layer_norms_and_absolute_positions_lock_exactly():
+    """GPT-2: layer norms over the features and position embeddings read at position_ids are row-wise; the
+    locked graph with every row active equals the bidirectional model, and a locked decode the reference."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from surelock_fx.lock import LockConfig
+    from surelock_fx.reference import ReferenceModel
+
+    config = GPT2Config(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation="sdpa")
+    config.is_causal, config.mask_token_id = False, 100
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config).eval()
+    optimized = surelock_fx.optimize(model)
+    assert counts(optimized.graph_module)[aten.layer_norm.default] == 2 * 2 + 1
+    N = 12
+    x = torch.randint(0, 100, (2, N), generator=torch.Generator().manual_seed(1))
+    caches = [torch.zeros(2, s.heads, N + 1, s.head_dim) for s in cache_specs(optimized.graph_module)]
+    positions = torch.arange(N).expand(2, N)
+    with torch.no_grad():
+        logits = optimized.graph_module(x, positions, positions, torch.ones(2, N, dtype=torch.bool), *caches)[0]
+        torch.testing.assert_close(logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    kw = dict(gen_length=8, steps=8, block_length=8, lock=LockConfig(kl_threshold=5e-2))
+    got = surelock_fx.generate(optimized, x[:, :4], **kw)
+    assert torch.equal(got.tokens, surelock_fx.generate(ReferenceModel(model), x[:, :4], **kw).tokens)
+
+
 @pytest.mark.parametrize(
     "model, message",
     [
+        (SequenceLayerNorm(), "normalizes over the sequence axis"),
+        (WholeMaxScaling(), "reduces over every position at once"),
         (PositionMixingFFN(), "reduces, splits or joins along the sequence axis"),
         (ArangePositions(), "not derived from the token inputs"),
         (CausalAttention(causal=True), "causal"),
         (CausalAttention(causal=False, eager=True), "matrix product mixes positions"),
     ],
-    ids=["cumsum", "arange-positions", "causal-sdpa", "eager-attention"],
+    ids=["layer-norm-over-positions", "max-over-positions", "cumsum", "arange-positions", "causal-sdpa",
+         "eager-attention"],
 )
 def test_unsupported_graph_names_the_node(model, message):
     with pytest.raises(UnsupportedGraphError, match=message) as info:
