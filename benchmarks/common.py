@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "results"
 FIGURES = ROOT / "benchmarks" / "figures"
 
-# LLaDA-shaped model presets (DESIGN §3 architecture, random weights). ``bench`` is big enough that
+# LLaDA-shaped model presets (docs/DESIGN.md §3 architecture, random weights). ``bench`` is big enough that
 # matrix products dominate a step on a CPU; ``e2e`` is 1/2 its width so that whole decodes fit in
 # the time a CPU benchmark can take; ``small`` is for --quick; ``tiny`` for the unit tests.
 PRESETS = {
@@ -56,7 +55,8 @@ def cpu_model() -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -150,6 +150,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def fill_defaults(args, quick: dict, full: dict):
+    """``args`` with the options left unset (None) taken from ``quick`` under ``--quick``, else from ``full``."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def setup(args) -> None:
     from surelock_fx import keep_freed_memory
 
@@ -188,27 +196,12 @@ def model_config(preset: str | dict, **overrides):
 
 
 def random_model(preset: str | dict, seed: int = 0, logit_scale: float = 3.0, **overrides):
-    """A float32 LLaDAModel with seeded random weights (std 1/sqrt(fan_in); LM head ``logit_scale`` times
-    that, so the softmax is peaked as a trained model's), in eval mode. Built on the meta device and
-    filled in place, so the 166M-parameter ``bench`` model takes seconds."""
-    from surelock_fx.models import LLaDAModel
+    """A float32 LLaDAModel on ``model_config(preset, **overrides)`` with seeded random weights, in eval mode
+    (``surelock_fx.models.random_llada``: built on the meta device, so the 166M-parameter ``bench`` model
+    takes seconds)."""
+    from surelock_fx.models import random_llada
 
-    config = model_config(preset, **overrides)
-    with torch.device("meta"):
-        model = LLaDAModel(config)
-    model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(seed)
-    head = model.lm_head_weight
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.uniform_(0.5, 1.5, generator=gen)
-            elif param is model.model.transformer.wte.weight:
-                param.normal_(0.0, 1.0, generator=gen)
-            else:
-                std = 1 / math.sqrt(param.shape[1]) * (logit_scale if param is head else 1.0)
-                param.normal_(0.0, std, generator=gen)
-    return model.eval()
+    return random_llada(model_config(preset, **overrides), seed, logit_scale)
 
 
 def describe_model(model) -> dict:
@@ -219,7 +212,8 @@ def describe_model(model) -> dict:
                 parameters=sum(p.numel() for p in model.parameters()), dtype=str(cfg_dtype(model)),
                 # what every forward pass reads whatever its row count: all weights but the embedding table,
                 # of which it only gathers its rows
-                streamed_weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding))
+                streamed_weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()
+                                          if p is not embedding))
 
 
 def cfg_dtype(model) -> torch.dtype:
@@ -229,11 +223,11 @@ def cfg_dtype(model) -> torch.dtype:
 def compiled_dense(model, backend: str):
     """The dense baseline of a backend: what ``surelock_fx.optimize`` runs, minus the locking rewrite.
 
-    "eager": the captured graph with its linear weights packed (``compile_graph``); "inductor":
-    torch.compile of it (dynamic shapes, frozen weights); "onnxruntime": the plain model exported to
-    ONNX in an ONNX Runtime session; "plain": the model itself in PyTorch eager, what a user runs
-    without surelock_fx. Each is called as ``dense(input_ids) -> logits`` and has the model's ``config``
-    (``surelock_fx.generate`` decodes with it; without an attention mask).
+    "eager" and "inductor": the captured graph compiled by the backend (``DenseGraph``: eager with its
+    linear weights prepacked, inductor torch.compile of it with frozen weights); "onnxruntime": the plain
+    model exported to ONNX in an ONNX Runtime session; "plain": the model itself in PyTorch eager, what a
+    user runs without surelock_fx. Each is called as ``dense(input_ids) -> logits`` and has the model's
+    ``config`` (``surelock_fx.generate`` decodes with it; without an attention mask).
     """
     if backend == "plain":
         return model
@@ -244,15 +238,15 @@ def compiled_dense(model, backend: str):
 
 def gemm_chain(model, max_rows: int):
     """(``run(rows)``, FLOPs per row): the model's linear layers called one after another on
-    ``rows`` rows of random input, through oneDNN on the packed weights of the eager dense pipeline
+    ``rows`` rows of random input, through oneDNN on the prepacked weights of the eager dense pipeline
     (``passes.prepack_linear_weights``). ``run`` costs what the GEMMs of a pass cost alone, each
     weight read from memory once as in a pass: the bound a pass at that many rows cannot beat."""
-    from surelock_fx.passes.prepack_linear_weights import PACKED_LINEAR
+    from surelock_fx.passes.prepack_linear_weights import PREPACKED_LINEAR
 
     gm = compiled_dense(model, "eager").graph
-    nodes = [n for n in gm.graph.nodes if n.target is PACKED_LINEAR]
+    nodes = [n for n in gm.graph.nodes if n.target is PREPACKED_LINEAR]
     if not nodes:
-        raise RuntimeError("no packed linear layers: this build of torch has no oneDNN")
+        raise RuntimeError("no prepacked linear layers: this build of torch has no oneDNN")
     layers = [(getattr(gm, n.args[1].target), None if n.args[2] is None else getattr(gm, n.args[2].target),
                int(n.args[0].meta["val"].shape[-1])) for n in nodes]
     dtype = cfg_dtype(model)
@@ -260,25 +254,26 @@ def gemm_chain(model, max_rows: int):
 
     def run(rows: int):
         for weight, bias, width in layers:
-            PACKED_LINEAR(inputs[width][:rows], weight, bias, "none", [], "")
+            PREPACKED_LINEAR(inputs[width][:rows], weight, bias, "none", [], "")
 
     return run, sum(2 * width * int(n.meta["val"].shape[-1]) for n, (_, _, width) in zip(nodes, layers))
 
 
 class DenseGraph:
-    """The captured dense graph compiled like the locked one (``surelock_fx.optimize.compile_graph``)."""
+    """The captured dense graph compiled by an in-process backend, as it compiles the locked one
+    (``surelock_fx.backends.get_backend(backend).compile``)."""
 
     def __init__(self, model, backend: str):
+        from surelock_fx.backends import get_backend
         from surelock_fx.capture import capture
-        from surelock_fx.optimize import compile_graph
 
         self.config = model.config
-        self.graph = compile_graph(capture(model), backend)
+        self.graph = get_backend(backend).compile(capture(model))
 
     def __call__(self, input_ids, attention_mask=None):
         check_no_mask(attention_mask)
         B, N = input_ids.shape
-        return self.graph(input_ids=input_ids, position_ids=torch.arange(N).expand(B, N))
+        return self.graph(input_ids, torch.arange(N).expand(B, N))
 
 
 def check_no_mask(attention_mask) -> None:
@@ -315,14 +310,15 @@ class OrtDense:
 
         import onnxruntime as ort
 
+        from surelock_fx.backends.onnxruntime import run_bound
         from surelock_fx.capture import export_logits
-        from surelock_fx.export import run_bound
 
-        self._run = run_bound
+        self._run = run_bound  # imported once, not on every timed call
         self._tmp = tempfile.TemporaryDirectory(prefix="surelock_dense_onnx_")
         path = Path(self._tmp.name) / "dense.onnx"
-        onnx_program = torch.onnx.export(export_logits(model), (), dynamo=True, input_names=["input_ids", "position_ids"],
-                                         output_names=["logits"], verbose=False)
+        onnx_program = torch.onnx.export(export_logits(model), (), dynamo=True,
+                                         input_names=["input_ids", "position_ids"], output_names=["logits"],
+                                         verbose=False)
         onnx_program.save(str(path), external_data=True)
         self.session = ort.InferenceSession(str(path), sess_options=ort_session_options(),
                                             providers=["CPUExecutionProvider"])

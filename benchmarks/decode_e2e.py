@@ -2,12 +2,13 @@
 
     python benchmarks/decode_e2e.py [--quick] [--out DIR] [--schedule-model DIR]
 
-1. **Record a lock schedule.** Locked decodes (``LockConfig(kl_threshold=--eps)``) of a small
-   model: the trained checkpoint of ``--schedule-model`` or the one shipped with the package
-   (``surelock_fx.tasks``) on its task prompts, else a random-weight model on random prompts (the
-   JSON says which). Recorded: for every generated token, the number of steps from the first pass
-   that saw it unmasked to the first pass that skipped it (its lock lag; "never" if it did not lock
-   before the end), and for every prompt token the pass from which it was skipped.
+1. **Record a lock schedule** (``schedules.py``, shared with ``overhead.py``). Locked decodes
+   (``LockConfig(kl_threshold=--eps)``) of a small model: the trained checkpoint of ``--schedule-model``
+   or the one shipped with the package (``surelock_fx.tasks``) on its task prompts, else a random-weight
+   model on random prompts (the JSON says which). Recorded: for every generated token, the number of
+   steps from the first pass that saw it unmasked to the first pass that skipped it (its lock lag;
+   "never" if it did not lock before the end), and for every prompt token the pass from which it was
+   skipped.
 2. **Replay it** on the benchmark model (random weights, LLaDA-shaped, preset ``--preset``) at
    every batch size B and generation length G: each prompt token locks at a step drawn from the
    recorded prompt lock steps, each generated token a lag drawn from the recorded lags after it is
@@ -18,7 +19,7 @@
 3. **Time seven variants** on identical schedules: locked eager, inductor and ONNX Runtime
    (``surelock_fx.optimize(model, backend, bucket)``; ONNX Runtime in CPU sessions with as many
    threads as torch), the dense baseline of each of these backends (the same pipeline without the
-   locking rewrite, ``common.compiled_dense``: eager with packed linear weights, inductor with frozen
+   locking rewrite, ``common.compiled_dense``: eager with prepacked linear weights, inductor with frozen
    weights, the plain model exported to ONNX), and the plain model in PyTorch eager (what a user runs
    without surelock_fx).
    * ``exact`` configurations run whole decodes through ``surelock_fx.generate``, ``--exact-reps``
@@ -35,11 +36,13 @@
 Per configuration: time per variant, tokens/s, the FLOPs of the decode (runtime FlopModel, dense
 vs locked, unpadded active counts), speedup = t_dense / t_locked (same backend), ideal =
 FLOPs_dense / FLOPs_locked, efficiency = speedup / ideal, and each locked variant against the plain
-model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend (the timed ones, ONNX Runtime and
-TensorRT), the FLOPs ratio of what its locked graph computes: attention runs B x M queries, every batch row as many as the one with the most
-active rows; the projections, FFN and LM head run the active rows only on steps that run packed across the
-batch (passes.pack_rows: eager every step, inductor and ONNX Runtime where ``runtime.runs_packed``,
-TensorRT never; ``packed_steps``), else B x M rows.
+model (``speedup_vs_plain_<backend>``). ``padded_flops_ratio`` is, per backend (the timed ones, ONNX Runtime
+and TensorRT), the FLOPs ratio of what its locked graph computes: attention runs B x M queries, every batch
+row as many as the one with the most active rows; the projections, FFN and LM head run the active rows only
+on steps that run packed across the batch (passes.pack_rows: eager every step, inductor and ONNX Runtime
+where padding pays, TensorRT never; ``packed_steps``), else B x M rows: what ``runtime.plan_pass`` plans for
+each pass of the replayed plan with the forms the backend builds (``schedules.pass_plans``). Exact decodes
+also report the packed passes and the FLOPs computed from their runner's ``DecodeStats``.
 ``gemm_efficiency`` is the same efficiency for the model's GEMMs alone (``common.gemm_chain``, timed at
 each sampled step at the eager graph's active rows and at the dense rows, interpolated alike): the bound the
 weights' memory traffic and few-row GEMMs set to the decode's, before attention, sampler and bookkeeping.
@@ -48,8 +51,6 @@ Writes ``decode_e2e.json`` and ``decode_e2e_*.png``.
 from __future__ import annotations
 
 import dataclasses
-import math
-import random
 import sys
 from pathlib import Path
 
@@ -57,15 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-import common  # noqa: E402
 import surelock_fx  # noqa: E402
-from surelock_fx.lock import active_index  # noqa: E402
-from surelock_fx.optimize import FORMS  # noqa: E402
-from surelock_fx.runtime import FULL_FROM, runs_packed  # noqa: E402
-from surelock_fx.sampler import DecodeStats, model_forward, select_topk, special_ids, step_candidates  # noqa: E402
+from surelock_fx.backends import BACKEND_NAMES  # noqa: E402
+from surelock_fx.decoding import model_forward, special_ids  # noqa: E402
+
+import common  # noqa: E402
+import schedules  # noqa: E402
 
 NAME = "decode_e2e"
-NEVER = 1 << 30  # "does not lock" / "not unmasked yet"
 BACKENDS = ("eager", "inductor", "onnxruntime")
 VARIANTS = ("dense/plain", *(f"{kind}/{b}" for kind in ("dense", "locked") for b in BACKENDS))
 FULL = dict(preset="e2e", batches=[1, 2, 4, 8], gens=[64, 256, 1024], prompt=64, bucket=1, samples=12,
@@ -76,7 +76,8 @@ QUICK = dict(preset="small", batches=[1], gens=[32, 64], prompt=16, bucket=8, sa
 
 def parse_args(argv=None):
     ap = common.base_parser(__doc__)
-    ap.add_argument("--preset", choices=sorted(common.PRESETS), help="benchmark model (default e2e; small with --quick)")
+    ap.add_argument("--preset", choices=sorted(common.PRESETS),
+                    help="benchmark model (default e2e; small with --quick)")
     ap.add_argument("--batches", type=int, nargs="+")
     ap.add_argument("--gens", type=int, nargs="+", help="generation lengths G (steps = G, one block)")
     ap.add_argument("--prompt", type=int, help="prompt length P (random tokens)")
@@ -88,207 +89,8 @@ def parse_args(argv=None):
     ap.add_argument("--exact-reps", type=int, help="whole decodes per variant of an exact configuration, "
                                                    "interleaved across variants; the fastest counts")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS)
-    ap.add_argument("--eps", type=float, default=5e-3, help="kl_threshold of the recorded and replayed decodes")
-    ap.add_argument("--schedule-model", type=Path, default=None,
-                    help="trained checkpoint directory (config.json, model.safetensors, tokenizer) to record the "
-                         "schedule from; default: the shipped checkpoint if present; 'random': a random-weight model")
-    args = ap.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-# ----------------------------------------------------------------------------------------------
-# recording a lock schedule
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Schedule:
-    """Lock timing of real decodes: per generated token the lag (steps from the first pass that saw it
-    unmasked to the first pass that skipped it; None = never locked), per prompt token the pass from
-    which it was skipped (None = never)."""
-
-    source: str
-    eps: float
-    gen_lags: list
-    prompt_lock_steps: list
-    recorded: dict
-
-    def draw(self, kind: str, shape, rng: random.Random) -> torch.Tensor:
-        values = self.gen_lags if kind == "gen" else self.prompt_lock_steps
-        values = [NEVER if v is None else int(v) for v in values] or [NEVER]
-        return torch.tensor([rng.choice(values) for _ in range(math.prod(shape))], dtype=torch.long).view(shape)
-
-
-class Recorder:
-    """Wraps a runner; records when each position was first seen unmasked and when it was first skipped."""
-
-    def __init__(self, inner, mask_id: int):
-        self.inner, self.mask_id, self.calls = inner, mask_id, 0
-        self.first_unmasked = self.lock_call = self.prompt = None
-
-    def __call__(self, x, attention_mask):
-        if self.first_unmasked is None:
-            self.prompt = x != self.mask_id
-            self.first_unmasked = torch.where(self.prompt, 0, NEVER)
-            self.lock_call = torch.full_like(x, NEVER)
-        unmasked = x != self.mask_id
-        self.first_unmasked[unmasked & (self.first_unmasked == NEVER)] = self.calls
-        logits = self.inner(x, attention_mask)
-        self.lock_call[self.inner.state.locked & (self.lock_call == NEVER)] = self.calls + 1
-        self.calls += 1
-        return logits
-
-
-class _Wrapped:
-    """What ``generate`` needs of a model: ``config`` and ``decode_runner(lock, stats)``."""
-
-    def __init__(self, opt, wrap):
-        self.config, self.opt, self.wrap = opt.config, opt, wrap
-
-    def decode_runner(self, lock, stats):
-        return self.wrap(self.opt.decode_runner(lock, stats))
-
-
-def schedule_source(args):
-    """(model, prompts [B, P], attention_mask, decode settings, description) to record from."""
-    path = args.schedule_model
-    if path is not None and str(path) == "random":
-        path = None
-    elif path is None:
-        try:
-            from surelock_fx.tasks import default_model_dir
-
-            if (default_model_dir() / "config.json").exists():
-                path = default_model_dir()
-        except ImportError:
-            pass
-    if path is not None:
-        from surelock_fx.cli import load_tokenizer
-        from surelock_fx.evaluate import encode_batch
-        from surelock_fx.models import load_model
-        from surelock_fx.tasks import DEFAULT_DECODE, TASKS, make_problems
-
-        model = load_model(path)
-        tok = load_tokenizer(Path(path))
-        n = 4 if args.quick else 16
-        problems = [p for task in TASKS for p, _ in make_problems(task, n, seed=args.seed + 12345)]
-        ids, mask = encode_batch(tok, problems)
-        settings = {k: v for k, v in DEFAULT_DECODE.items()}
-        trained = ""
-        log = Path(path) / "training_log.json"
-        if log.exists():
-            info = common.read_json(log)
-            trained = f", trained {info.get('steps')} steps, task accuracy {info.get('final_accuracy')}"
-        return model, ids, mask, settings, f"trained checkpoint {path}{trained}; {len(problems)} task prompts"
-    # Fallback: a random-weight model. The 'tiny' one locks tokens a few steps after they are unmasked, as
-    # trained models do; wider random models (e.g. 'small') hardly ever reach the KL threshold.
-    preset = "tiny"
-    model = common.random_model(preset, seed=args.seed + 1)
-    V = model.config.vocab_size
-    n, P = (4, 16) if args.quick else (16, 16)
-    ids = torch.randint(0, V - 8, (n, P), generator=torch.Generator().manual_seed(args.seed))
-    settings = dict(gen_length=32, steps=32, block_length=32, temperature=0.0, remasking="low_confidence")
-    return model, ids, None, settings, f"random-weight '{preset}' model on {n} random prompts (no trained checkpoint found)"
-
-
-def record_schedule(args) -> Schedule:
-    model, ids, mask, settings, source = schedule_source(args)
-    opt = surelock_fx.optimize(model, backend="eager")
-    mask_id = special_ids(model.config)[0]
-    recorders = []
-
-    def wrap(runner):
-        recorders.append(Recorder(runner, mask_id))
-        return recorders[-1]
-
-    out = surelock_fx.generate(_Wrapped(opt, wrap), ids, attention_mask=mask,
-                               lock=surelock_fx.LockConfig(kl_threshold=args.eps), **settings)
-    rec = recorders[0]
-    gen_lags, prompt_steps = [], []
-    for b in range(ids.shape[0]):
-        for i in range(rec.prompt.shape[1]):
-            locked_at = int(rec.lock_call[b, i])
-            if rec.prompt[b, i]:
-                prompt_steps.append(None if locked_at >= NEVER else locked_at)
-            elif int(rec.first_unmasked[b, i]) < NEVER:
-                gen_lags.append(None if locked_at >= NEVER else locked_at - int(rec.first_unmasked[b, i]))
-    stats = out.stats
-    N = rec.prompt.shape[1]
-    recorded = dict(batch=ids.shape[0], seq=N, prompt=ids.shape[1], settings=settings, flops_ratio=stats.flops_ratio,
-                    mean_active_fraction=stats.mean_active_fraction,
-                    active_fraction_curve=[a / (ids.shape[0] * N) for a in stats.active_counts])
-    return Schedule(source, args.eps, gen_lags, prompt_steps, recorded)
-
-
-# ----------------------------------------------------------------------------------------------
-# replaying it
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Plan:
-    """Per position of one decode: prompt lock step (prompt rows) and lock lag (generated rows)."""
-
-    prompt: torch.Tensor  # [B, N] bool
-    prompt_step: torch.Tensor  # [B, N]
-    lag: torch.Tensor  # [B, N]
-
-    @classmethod
-    def make(cls, schedule: Schedule, prompt: torch.Tensor, seed: int) -> "Plan":
-        rng = random.Random(seed)
-        return cls(prompt, schedule.draw("prompt", prompt.shape, rng), schedule.draw("gen", prompt.shape, rng))
-
-    def locked(self, first_unmasked: torch.Tensor, call: int) -> torch.Tensor:
-        """Rows skipped by pass ``call`` given when each generated row was first seen unmasked."""
-        gen = (first_unmasked < NEVER) & (first_unmasked + self.lag <= call)
-        return torch.where(self.prompt, self.prompt_step <= call, gen)
-
-
-class ReplayRunner:
-    """Wraps a locked runner: before each pass, sets its lock mask from the plan."""
-
-    def __init__(self, inner, plan: Plan, mask_id: int):
-        self.inner, self.plan, self.mask_id, self.calls = inner, plan, mask_id, 0
-        self.first_unmasked = None
-
-    @property
-    def state(self):
-        return self.inner.state
-
-    def __call__(self, x, attention_mask):
-        if self.first_unmasked is None:
-            self.first_unmasked = torch.where(self.plan.prompt, 0, NEVER)
-        newly = (x != self.mask_id) & (self.first_unmasked == NEVER)
-        self.first_unmasked[newly] = self.calls
-        if self.inner.state is not None:
-            self.inner.state.locked = self.plan.locked(self.first_unmasked, self.calls)
-        self.calls += 1
-        return self.inner(x, attention_mask)
-
-
-def replay_counts(plan: Plan, order: torch.Tensor, steps: int, bucket: int) -> tuple[list[int], list[int]]:
-    """(active rows summed over the batch, unpadded; the graph's M after bucketing) of every pass of a
-    decode that unmasks generated position ``order[:, k]`` at step k."""
-    counts, widths = [], []
-    for t in range(steps):
-        locked = plan.locked(state_at(plan, order, t)[1], t)
-        counts.append(int((~locked).sum()))
-        widths.append(active_index(locked, bucket, FULL_FROM)[0].shape[1])
-    return counts, widths
-
-
-def state_at(plan: Plan, order: torch.Tensor, call: int):
-    """(unmasked [B, N], first_unmasked [B, N]) before pass ``call`` when generated position order[:, k]
-    is unmasked at step k (seen unmasked from pass k + 1)."""
-    B, N = plan.prompt.shape
-    first = torch.where(plan.prompt, 0, NEVER)
-    k = min(call, order.shape[1])
-    if k:
-        steps = torch.arange(1, k + 1).expand(B, k)
-        first = first.scatter(1, order[:, :k], steps)
-    return first < NEVER, first
+    schedules.add_arguments(ap)
+    return common.fill_defaults(ap.parse_args(argv), QUICK, FULL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,27 +110,6 @@ def build_variants(model, names, bucket: int) -> dict:
         if f"locked/{backend}" in names:
             optimized[backend] = common.optimized(model, backend, bucket=bucket)
     return {name: Variant(name, model, optimized) for name in names}
-
-
-def decode_step(forward, x: torch.Tensor, mask_id: int, eos, eot) -> torch.Tensor:
-    """One step of the sampler's loop (one block spanning the whole answer, one token per step)."""
-    mask_index = x == mask_id
-    logits = forward(x, None)
-    x0, confidence = step_candidates(logits, x, mask_index, x.shape[1], mask_id=mask_id, temperature=0.0,
-                                     remasking="low_confidence",
-                                     eos=eos, eot=eot, logits_eos_inf=False, confidence_eos_eot_inf=False,
-                                     generator=None)
-    transfer = select_topk(confidence, torch.ones(x.shape[0], dtype=torch.long))
-    return torch.where(transfer, x0, x)
-
-
-def sample_points(steps: int, k: int) -> list[int]:
-    """Step 0, and k - 1 steps evenly spaced over 1 .. steps - 1: the first pass (full width, the
-    runner's allocations) is like no other, so its time must not be interpolated over later steps."""
-    if steps == 1:
-        return [0]
-    rest = max(1, min(k, steps) - 1)
-    return sorted({0} | {1 + round(i * (steps - 2) / max(rest - 1, 1)) for i in range(rest)})
 
 
 def interpolated_total(points: list[int], times: list[float], steps: int, work: list[float] | None = None) -> float:
@@ -351,12 +132,7 @@ def interpolated_total(points: list[int], times: list[float], steps: int, work: 
     return total
 
 
-def decided(x: torch.Tensor, positions: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """``x`` with token 0 at the masked ones of ``positions`` [B, N]: a state in which they are decided."""
-    return x.masked_fill(positions & (x == mask_id), 0)
-
-
-def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
+def warm_up(variants: dict, plan, x0: torch.Tensor, order: torch.Tensor, steps: int, lock, mask_id, eos, eot):
     """Build what the variants build on first use, untimed: inductor's graphs for this shape and its
     lock rule's KL (one and several candidate rows), and, where a backend has both forms of the locked
     graph (padded, packed: inductor, and ONNX Runtime, which exports the packed one on its first packed
@@ -367,54 +143,64 @@ def warm_up(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, s
         for v in variants.values():
             if v.kind == "dense":
                 if v.backend != "plain":
-                    decode_step(model_forward(v.model), x, mask_id, eos, eot)
+                    schedules.decode_step(model_forward(v.model), x, mask_id, eos, eot)
                 continue
             if v.backend == "inductor":
-                V = v.model.config.vocab_size
-                # (rows of the new logits, of the previous ones, candidates): dynamo specialises sizes of 1
-                for rows, prev_rows, count in ((3, 4, 2), (3, 4, 1), (1, 4, 1), (3, 1, 1), (1, 1, 1)):
-                    v.model.kl(torch.zeros(rows, V), torch.arange(count), torch.zeros(prev_rows, V),
-                               torch.arange(count), torch.zeros(count))
-            if not all(FORMS[v.backend]):
-                continue
-            for pack_from in (float("inf"), 0.0):  # no pass packed, then every pass
-                runner = v.model.decode_runner(lock, DecodeStats())
-                runner.pack_from = pack_from
-                decode_step(runner, x, mask_id, eos, eot)
-                t = steps // 2
-                unmasked, first = state_at(plan, order, t)
-                runner.state.locked = plan.locked(first, t)
-                decode_step(runner, decided(x, unmasked, mask_id), mask_id, eos, eot)
-                runner.state.locked = torch.ones_like(runner.state.locked)
-                runner.state.locked[:, -1] = False  # every other position decided, as locked ones are
-                decode_step(runner, decided(x, runner.state.locked, mask_id), mask_id, eos, eot)
+                warm_up_kl(v.model)
+            if schedules.both_forms(v.model):
+                for pack_from in (float("inf"), 0.0):  # no pass packed, then every pass
+                    pinned = schedules.Pinned(v.model, lock, pack_from)
+                    warm_up_widths(pinned, plan, x, order, steps, mask_id, eos, eot)
 
 
-def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
+def warm_up_kl(opt) -> None:
+    """The lock rule's KL at (rows of the new logits, of the previous ones, candidates) whose sizes of 1
+    dynamo specialises."""
+    V = opt.config.vocab_size
+    for rows, prev_rows, count in ((3, 4, 2), (3, 4, 1), (1, 4, 1), (3, 1, 1), (1, 1, 1)):
+        opt.kl(torch.zeros(rows, V), torch.arange(count), torch.zeros(prev_rows, V), torch.arange(count),
+               torch.zeros(count))
+
+
+def warm_up_widths(pinned, plan, x: torch.Tensor, order: torch.Tensor, steps: int, mask_id, eos, eot) -> None:
+    """A full-width, a mid-decode and a single-row pass of a ``schedules.Pinned`` runner, from the first input
+    ``x``."""
+    schedules.decode_step(pinned.runner, x, mask_id, eos, eot)
+    t = steps // 2
+    unmasked, first = schedules.state_at(plan, order, t)
+    pinned.locked = plan.locked(first, t)
+    schedules.decode_step(pinned.runner, schedules.decided(x, unmasked, mask_id), mask_id, eos, eot)
+    locked = torch.ones_like(unmasked)
+    locked[:, -1] = False  # every other position decided, as locked ones are
+    pinned.locked = locked
+    schedules.decode_step(pinned.runner, schedules.decided(x, locked, mask_id), mask_id, eos, eot)
+
+
+def sampled_decode(variants: dict, plan, x0: torch.Tensor, order: torch.Tensor, steps: int, k: int,
                    lock, mask_id, eos, eot, gemms, counts: list[int]) -> dict:
     """Estimated decode time per variant from K timed steps (see the module docstring). Pass 0 is
-    always sampled and, for locked variants, is the runner's real first pass (allocations included).
+    always sampled and, for locked variants, is the runner's real first pass (allocations included);
+    each later one skips the plan's rows at its step (``schedules.Pinned``).
     At each sampled step the model's GEMMs alone (``common.gemm_chain``) are timed too, at the rows
     of the locked graph (``counts``: the active rows, packed) and of the dense one."""
-    points = sample_points(steps, k)
+    points = schedules.sample_points(steps, k)
     B, N = x0.shape
     V = next(iter(variants.values())).model.config.vocab_size
     tokens = torch.randint(0, V - 8, x0.shape, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         x0 = x0.clone()  # every step works on inference-mode tensors, as generate() does after its first step
-    runners = {name: v.model.decode_runner(lock, DecodeStats()) if v.kind == "locked" else model_forward(v.model)
-               for name, v in variants.items()}
+    pinned = {name: schedules.Pinned(v.model, lock) for name, v in variants.items() if v.kind == "locked"}
+    runners = {name: pinned[name].runner if name in pinned else model_forward(v.model) for name, v in variants.items()}
     times = {name: [] for name in variants}
     gemm_times = {"dense": [], "locked": []}
     with torch.inference_mode():
         for t in points:
-            unmasked, first = state_at(plan, order, t)
-            x = torch.where(unmasked & ~plan.prompt, tokens, x0)
-            for name, v in variants.items():
-                fwd = runners[name]
-                if v.kind == "locked" and t > 0:
-                    fwd.state.locked = plan.locked(first, t)
-                times[name] += common.time_calls(lambda: decode_step(fwd, x, mask_id, eos, eot), reps=1, warmup=0)
+            x, locked = schedules.step_input(plan, order, x0, tokens, t)
+            for p in pinned.values():
+                p.locked = locked
+            for name, fwd in runners.items():
+                times[name] += common.time_calls(lambda: schedules.decode_step(fwd, x, mask_id, eos, eot),
+                                                 reps=1, warmup=0)
             for kind, rows in (("dense", B * N), ("locked", max(counts[t], 1))):
                 gemm_times[kind] += common.time_calls(lambda: gemms(rows), reps=1, warmup=int(t == 0))
     return dict(points=points, step_times_s=times, gemm_step_times_s=gemm_times,
@@ -424,96 +210,128 @@ def sampled_decode(variants: dict, plan: Plan, x0: torch.Tensor, order: torch.Te
                              for kind, ts in gemm_times.items()})
 
 
-def exact_decode(variant: Variant, schedule: Schedule, prompt: torch.Tensor, G: int, lock, seed: int, mask_id) -> dict:
-    """A whole ``generate`` call (the replayed schedule for locked variants)."""
-    N = prompt.shape[1] + G
-    plan_prompt = torch.zeros(prompt.shape[0], N, dtype=torch.bool)
-    plan_prompt[:, : prompt.shape[1]] = True
-    plan = Plan.make(schedule, plan_prompt, seed)
+def exact_decode(variant: Variant, plan, prompt: torch.Tensor, G: int, lock, mask_id) -> dict:
+    """A whole ``generate`` call (locked variants: replaying ``plan``, ``schedules.Replay``) and what its runner
+    counted: active rows, FLOPs (dense, locked, and computed, padding included) and packed passes."""
     kw = dict(gen_length=G, steps=G, block_length=G, temperature=0.0, remasking="low_confidence")
     if variant.kind == "locked":
-        model = _Wrapped(variant.model, lambda runner: ReplayRunner(runner, plan, mask_id))
-        out = surelock_fx.generate(model, prompt, lock=lock, **kw)
-    else:
-        out = surelock_fx.generate(variant.model, prompt, **kw)
-    s = out.stats
-    return dict(time_s=s.wall_time_s, active_counts=s.active_counts, flops_dense=s.flops_dense, flops_locked=s.flops_locked,
-                packed_passes=s.packed_passes)
+        kw.update(lock=lock, schedule=schedules.Replay(plan, mask_id))
+    s = surelock_fx.generate(variant.model, prompt, **kw).stats
+    return dict(time_s=s.wall_time_s, active_counts=s.active_counts, flops_dense=s.flops_dense,
+                flops_locked=s.flops_locked, flops_computed=s.flops_computed, packed_passes=s.packed_passes)
+
+
+# ----------------------------------------------------------------------------------------------
+# one configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Bench:
+    """What every configuration of a run shares."""
+
+    args: object
+    model: torch.nn.Module
+    schedule: schedules.Schedule
+    variants: dict
+    lock: surelock_fx.LockConfig
+    flops: object  # the runtime's FlopModel
+    gemms: object  # common.gemm_chain's run(rows)
+    gen: torch.Generator  # prompts and unmasking orders, drawn configuration after configuration
+    special: tuple  # (mask_id, eos, eot)
+
+
+def flops_fields(flops, locks: list[torch.Tensor], bucket: int, counts: list[int], widths: list[int]) -> dict:
+    """A replayed decode's FLOPs (``counts``: its unpadded active rows), and per backend the passes it runs packed
+    and the FLOPs ratio of what its locked graph computes, padding included (``schedules.pass_plans`` of
+    ``locks``; see the module docstring)."""
+    B, N = locks[0].shape
+    dense = sum(flops.step(B * N, N) for _ in counts)
+    locked = sum(flops.step(a, N) for a in counts)
+    passes = {b: [(plan.packed, plan.flops(flops)) for plan in schedules.pass_plans(locks, bucket, b)]
+              for b in BACKEND_NAMES}
+    return dict(flops_dense=dense, flops_locked=locked, flops_ratio=locked / dense,
+                active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)),
+                packed_steps={b: sum(packed for packed, _ in ps) for b, ps in passes.items()},
+                padded_flops_ratio={b: sum(computed for _, computed in ps) / dense for b, ps in passes.items()})
+
+
+def exact_times(bench: Bench, row: dict, plan, prompt: torch.Tensor, G: int) -> dict:
+    """Times of whole decodes, ``--exact-reps`` per variant, interleaved; the fastest counts. Adds to ``row``
+    the runs, the sampled estimate's error, and the ideal speedups of the runners' own FLOP accounting."""
+    runs = [{name: exact_decode(v, plan, prompt, G, bench.lock, bench.special[0]) for name, v in bench.variants.items()}
+            for _ in range(bench.args.exact_reps)]  # interleaved: every variant once per repetition
+    exact = {name: dict(min((run[name] for run in runs), key=lambda e: e["time_s"]),
+                        times_s=[run[name]["time_s"] for run in runs]) for name in bench.variants}
+    row["exact"] = exact
+    row["estimator_error"] = {k: row["sampled"]["time_s"][k] / exact[k]["time_s"] - 1 for k in exact}
+    for b in row["ideal_speedup"]:
+        e = exact[f"locked/{b}"]
+        row["ideal_speedup"][b] = e["flops_dense"] / e["flops_locked"]
+    return {k: e["time_s"] for k, e in exact.items()}
+
+
+def speedups(times: dict, ideal: dict) -> dict:
+    """Per backend of ``ideal``: locked against dense (speedup, efficiency) and against the plain model."""
+    out = {}
+    for b in ideal:
+        dense, locked = times.get(f"dense/{b}"), times.get(f"locked/{b}")
+        if dense and locked:
+            out[f"speedup_{b}"] = dense / locked
+            out[f"efficiency_{b}"] = dense / locked / ideal[b]
+        if times.get("dense/plain") and locked:
+            out[f"speedup_vs_plain_{b}"] = times["dense/plain"] / locked
+    return out
+
+
+def configuration(bench: Bench, B: int, G: int) -> dict:
+    """The result row of batch size B and generation length G."""
+    args, (mask_id, eos, eot) = bench.args, bench.special
+    P, N = args.prompt, args.prompt + G
+    seed = args.seed * 1000 + B * 7 + G
+    x0, plan, order = schedules.draw_decode(bench.schedule, B, P, G, mask_id, bench.model.config.vocab_size,
+                                            bench.gen, seed)
+    locks = schedules.replay_locks(plan, order, G)
+    counts, widths = schedules.replay_counts(locks, args.bucket)
+    row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if f"{B}x{G}" in args.exact else "sampled",
+               **flops_fields(bench.flops, locks, args.bucket, counts, widths))
+    row["ideal_speedup"] = {b: row["flops_dense"] / row["flops_locked"] for b in BACKENDS
+                            if f"locked/{b}" in bench.variants}
+    with common.count_compilations() as compiles:
+        warm_up(bench.variants, plan, x0, order, G, bench.lock, mask_id, eos, eot)
+    row["compilations_warmup"] = compiles
+    with common.count_compilations() as compiles:
+        sampled = row["sampled"] = sampled_decode(bench.variants, plan, x0, order, G, args.samples, bench.lock,
+                                                  mask_id, eos, eot, bench.gemms, counts)
+        gemm = sampled["gemm_time_s"]
+        row["gemm_efficiency"] = gemm["dense"] / gemm["locked"] * row["flops_locked"] / row["flops_dense"]
+        times = exact_times(bench, row, plan, x0[:, :P], G) if row["mode"] == "exact" else dict(sampled["time_s"])
+    row["compilations_timed"] = compiles
+    row["time_s"] = times
+    row["tokens_per_s"] = {k: B * G / t for k, t in times.items()}
+    row.update(speedups(times, row["ideal_speedup"]))
+    return row
 
 
 def run(args) -> dict:
     common.setup(args)
     machine = common.machine_info(args.malloc)  # at the start: its load average is the start's
     bar = common.progress(total=2, desc=f"{NAME}: record schedule", disable=args.no_progress)
-    schedule = record_schedule(args)
+    schedule = schedules.record_schedule(args)
     bar.update(2)
     bar.close()
     model = common.random_model(args.preset, seed=args.seed)
-    mask_id, eos, eot = special_ids(model.config)
     variants = build_variants(model, args.variants, args.bucket)
-    lock = surelock_fx.LockConfig(kl_threshold=args.eps)
+    flops = next((v.model.flops for v in variants.values() if v.kind == "locked"), None) \
+        or surelock_fx.optimize(model).flops
+    gemms, _ = common.gemm_chain(model, max(args.batches) * (args.prompt + max(args.gens)))
+    bench = Bench(args, model, schedule, variants, surelock_fx.LockConfig(kl_threshold=args.eps), flops, gemms,
+                  torch.Generator().manual_seed(args.seed), special_ids(model.config))
     configs = [(B, G) for G in args.gens for B in args.batches]
     results = []
     bar = common.progress(total=len(configs), desc=NAME, disable=args.no_progress)
-    flops = next((v.model.flops for v in variants.values() if v.kind == "locked"), None) \
-        or surelock_fx.optimize(model).flops
-    gen = torch.Generator().manual_seed(args.seed)
-    gemms, _ = common.gemm_chain(model, max(args.batches) * (args.prompt + max(args.gens)))
     for B, G in configs:
-        P, N = args.prompt, args.prompt + G
-        label = f"{B}x{G}"
         bar.set_postfix_str(f"B={B} G={G}")
-        prompt = torch.randint(0, model.config.vocab_size - 8, (B, P), generator=gen)
-        x0 = torch.full((B, N), mask_id, dtype=torch.long)
-        x0[:, :P] = prompt
-        seed = args.seed * 1000 + B * 7 + G
-        plan = Plan.make(schedule, x0 != mask_id, seed)
-        order = torch.stack([P + torch.randperm(G, generator=gen) for _ in range(B)])
-        counts, widths = replay_counts(plan, order, G, args.bucket)
-        flops_dense = sum(flops.step(B * N, N) for _ in counts)
-        flops_locked = sum(flops.step(a, N) for a in counts)
-        row = dict(batch=B, gen_length=G, prompt=P, seq=N, steps=G, mode="exact" if label in args.exact else "sampled",
-                   flops_dense=flops_dense, flops_locked=flops_locked, flops_ratio=flops_locked / flops_dense,
-                   active_fraction_curve=[c / (B * N) for c in counts], graph_widths=sorted(set(widths)))
-        packed = {b: [runs_packed(forms, B * w, c) for c, w in zip(counts, widths)] for b, forms in FORMS.items()}
-        row["packed_steps"] = {b: sum(p) for b, p in packed.items()}
-        row["padded_flops_ratio"] = {
-            b: sum(flops.step(c if p else B * w, N, queries=B * w) for c, w, p in zip(counts, widths, packed[b]))
-            / flops_dense for b in packed}
-        backends = [b for b in BACKENDS if f"locked/{b}" in variants]
-        row["ideal_speedup"] = {b: flops_dense / flops_locked for b in backends}
-        with common.count_compilations() as compiles:
-            warm_up(variants, plan, x0, order, G, lock, mask_id, eos, eot)
-        row["compilations_warmup"] = compiles
-        with common.count_compilations() as compiles:
-            sampled = sampled_decode(variants, plan, x0, order, G, args.samples, lock, mask_id, eos, eot, gemms, counts)
-            times = dict(sampled["time_s"])
-            row["sampled"] = sampled
-            gemm = sampled["gemm_time_s"]
-            row["gemm_efficiency"] = gemm["dense"] / gemm["locked"] * flops_locked / flops_dense
-            if row["mode"] == "exact":
-                runs = [{name: exact_decode(v, schedule, prompt, G, lock, seed, mask_id) for name, v in variants.items()}
-                        for _ in range(args.exact_reps)]  # interleaved: every variant once per repetition
-                exact = {name: dict(min((run[name] for run in runs), key=lambda e: e["time_s"]),
-                                    times_s=[run[name]["time_s"] for run in runs]) for name in variants}
-                row["exact"] = exact
-                row["estimator_error"] = {k: sampled["time_s"][k] / exact[k]["time_s"] - 1 for k in exact}
-                times = {k: e["time_s"] for k, e in exact.items()}
-                for b in backends:  # the runner's own FLOP accounting of the decode it ran
-                    e = exact.get(f"locked/{b}")
-                    if e:
-                        row["ideal_speedup"][b] = e["flops_dense"] / e["flops_locked"]
-        row["compilations_timed"] = compiles
-        row["time_s"] = times
-        row["tokens_per_s"] = {k: B * G / t for k, t in times.items()}
-        for b in backends:
-            d, l = times.get(f"dense/{b}"), times.get(f"locked/{b}")
-            if d and l:
-                row[f"speedup_{b}"] = d / l
-                row[f"efficiency_{b}"] = d / l / row["ideal_speedup"][b]
-            if times.get("dense/plain") and l:
-                row[f"speedup_vs_plain_{b}"] = times["dense/plain"] / l
-        results.append(row)
+        results.append(configuration(bench, B, G))
         bar.update()
     bar.close()
     return dict(benchmark=NAME, machine=machine, quick=args.quick,

@@ -8,8 +8,8 @@
    padding pays, ``runtime.PACK_FROM``), next to ``torch.compile`` of the dense model; compilations
    counted with torch._dynamo's counters.
 2. **Per-step bookkeeping**: complete decode steps of the locked runner at several points of a
-   replayed lock schedule (decode_e2e's replay), profiled with torch.profiler. The runtime labels
-   its phases (``surelock::index``, ``surelock::release``, ``surelock::graph``,
+   replayed lock schedule (``schedules.py``, as decode_e2e replays it), profiled with torch.profiler.
+   The runtime labels its phases (``surelock::index``, ``surelock::release``, ``surelock::graph``,
    ``surelock::lock_update`` with ``surelock::kl`` inside); the sampler's work is labelled here;
    the K/V cache updates inside the graph are the eager graph's ``aten::index_copy_`` ops.
    Reported per step: wall time, each phase's share, and the bookkeeping share
@@ -31,19 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
-import common  # noqa: E402
-import decode_e2e  # noqa: E402
 import surelock_fx  # noqa: E402
 from surelock_fx.capture import capture  # noqa: E402
-from surelock_fx.passes import lock_rows  # noqa: E402
-from surelock_fx.sampler import DecodeStats, select_topk, special_ids, step_candidates  # noqa: E402
+from surelock_fx.decoding import DecodeStats, special_ids  # noqa: E402
+from surelock_fx.passes.pipeline import LOCK, run_pipeline  # noqa: E402
+from surelock_fx.runtime import plan_pass  # noqa: E402
+
+import common  # noqa: E402
+import schedules  # noqa: E402
 
 NAME = "overhead"
 LABELS = ("surelock::index", "surelock::release", "surelock::graph", "surelock::lock_update", "surelock::kl",
           "bench::runner", "bench::sampler")
 CACHE_UPDATE_OPS = ("aten::index_copy_", "aten::scatter", "aten::scatter_")
-FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=1, points=5, reps=2, backends=["eager", "inductor"])
-QUICK = dict(preset="small", batches=[1], gen=32, prompt=16, bucket=8, points=3, reps=1, backends=["eager", "inductor"])
+FULL = dict(preset="e2e", batches=[1, 8], gen=256, prompt=64, bucket=1, points=5, reps=2,
+            backends=["eager", "inductor"])
+QUICK = dict(preset="small", batches=[1], gen=32, prompt=16, bucket=8, points=3, reps=1,
+             backends=["eager", "inductor"])
 
 
 def parse_args(argv=None):
@@ -56,8 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--points", type=int, help="decode steps measured per configuration")
     ap.add_argument("--reps", type=int, help="profiled repetitions of each step")
     ap.add_argument("--backends", nargs="+", choices=["eager", "inductor"])
-    ap.add_argument("--eps", type=float, default=5e-3)
-    ap.add_argument("--schedule-model", type=Path, default=None)
+    schedules.add_arguments(ap)
     ap.add_argument("--cold-cache", dest="cold_cache", action="store_true", default=None,
                     help="compile with an empty inductor cache directory (default in full mode)")
     ap.add_argument("--warm-cache", dest="cold_cache", action="store_false",
@@ -65,11 +68,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.cold_cache is None:
         args.cold_cache = not args.quick
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.fill_defaults(args, QUICK, FULL)
 
 
 def first_and_steady(call) -> tuple[float, float, dict]:
@@ -91,18 +90,14 @@ def optimize_cost(model, backends, B: int, N: int, bucket: int) -> tuple[dict, d
     t0 = time.perf_counter()
     dense_graph = capture(model)
     t1 = time.perf_counter()
-    lock_rows(dense_graph)
+    run_pipeline(dense_graph, LOCK)
     t2 = time.perf_counter()
     out["capture_s"], out["lock_rows_s"] = t1 - t0, t2 - t1
     ids = torch.randint(0, model.config.vocab_size - 8, (B, N), generator=torch.Generator().manual_seed(0))
 
     def runner_call(opt, pack_from):
         """A fresh runner's first pass (all rows active), packed if pack_from is 0."""
-        def call():
-            runner = opt.decode_runner(surelock_fx.LockConfig(), DecodeStats())
-            runner.pack_from = pack_from
-            runner(ids, None)
-        return call
+        return lambda: opt.decode_runner(surelock_fx.LockConfig(), DecodeStats(), pack_from=pack_from)(ids, None)
 
     for backend in backends:
         start = time.perf_counter()
@@ -112,7 +107,7 @@ def optimize_cost(model, backends, B: int, N: int, bucket: int) -> tuple[dict, d
         entry = dict(optimize_s=optimize_s, first_call_s=first, steady_call_s=steady,
                      compile_on_first_call_s=max(0.0, first - steady), compilations=compiles,
                      packed_compile_on_first_use_s=0.0)
-        if opt.compiled_packed is not None:
+        if schedules.both_forms(opt):
             first, steady, compiles = first_and_steady(runner_call(opt, 0.0))
             entry["packed_compile_on_first_use_s"] = max(0.0, first - steady)
             entry["packed_compilations"] = compiles
@@ -132,10 +127,7 @@ def profiled_step(runner, x, mask_id, eos, eot) -> tuple[float, dict]:
         with record_function("bench::runner"):
             logits = runner(x, None)
         with record_function("bench::sampler"):
-            x0, confidence = step_candidates(logits, x, x == mask_id, x.shape[1], mask_id=mask_id, temperature=0.0,
-                                             remasking="low_confidence", eos=eos, eot=eot, logits_eos_inf=False,
-                                             confidence_eos_eot_inf=False, generator=None)
-            torch.where(select_topk(confidence, torch.ones(x.shape[0], dtype=torch.long)), x0, x)
+            schedules.sample_step(logits, x, mask_id, eos, eot)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     labels = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
@@ -174,56 +166,56 @@ def legacy_bookkeeping(state_shape, index: torch.Tensor, logits: torch.Tensor, r
 
 
 def bookkeeping(model, opt, args, schedule, backend: str, B: int, bar) -> list[dict]:
+    """Profiled steps of ``opt``'s runner at ``--points`` passes of a replayed decode of batch size B: each pass t
+    in the decode's state, pinned to the plan's rows at t (``schedules.Pinned``) after an untimed pass t - 1; a
+    fresh runner for pass 0."""
     mask_id, eos, eot = special_ids(model.config)
     lock = surelock_fx.LockConfig(kl_threshold=args.eps)
     P, G = args.prompt, args.gen
-    N = P + G
+    N, V = P + G, model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
-    x0 = torch.full((B, N), mask_id, dtype=torch.long)
-    x0[:, :P] = torch.randint(0, model.config.vocab_size - 8, (B, P), generator=gen)
-    plan = decode_e2e.Plan.make(schedule, x0 != mask_id, args.seed)
-    order = torch.stack([P + torch.randperm(G, generator=gen) for _ in range(B)])
-    tokens = torch.randint(0, model.config.vocab_size - 8, (B, N), generator=gen)
-    runner = opt.decode_runner(lock, DecodeStats())
+    x0, plan, order = schedules.draw_decode(schedule, B, P, G, mask_id, V, gen, args.seed)
+    tokens = torch.randint(0, V - 8, (B, N), generator=gen)
+    pinned = schedules.Pinned(opt, lock)
 
     def replay(t: int):
         """Put the runner in the decode's state before pass ``t``; (its input, locked rows)."""
-        unmasked, first = decode_e2e.state_at(plan, order, t)
-        locked = plan.locked(first, t) if t else torch.zeros_like(plan.prompt)
-        if t:
-            runner.state.locked = locked
-        else:  # the decode's first pass: a fresh lock state and caches
-            runner.state = None
-        return torch.where(unmasked & ~plan.prompt, tokens, x0), locked
+        x, locked = schedules.step_input(plan, order, x0, tokens, t)
+        if not t:
+            pinned.restart()  # the first pass: a fresh lock state and caches
+        pinned.locked = locked
+        return x, locked
 
     rows = []
     with torch.inference_mode():
-        decode_e2e.decode_step(runner, x0, mask_id, eos, eot)  # pass 0 (and compilation)
-        for t in decode_e2e.sample_points(G, args.points):
+        schedules.decode_step(pinned.runner, x0, mask_id, eos, eot)  # pass 0 (and compilation)
+        for t in schedules.sample_points(G, args.points):
             measures = []
             for rep in range(args.reps + 1):  # the first repetition touches the shape (compilation), untimed
                 if t:  # pass t - 1 first, untimed: the lock state's per-row caches are then those of a decode
-                    decode_e2e.decode_step(runner, replay(t - 1)[0], mask_id, eos, eot)
+                    schedules.decode_step(pinned.runner, replay(t - 1)[0], mask_id, eos, eot)
                 x, locked = replay(t)
-                measures.append(profiled_step(runner, x, mask_id, eos, eot))
-            wall = min(m[0] for m in measures[1:])
-            labels = {k: min(m[1].get(k, 0.0) for m in measures[1:]) for k in LABELS + ("cache_scatter",)}
-            active = int((~locked).sum())
-            index, _ = surelock_fx.lock.active_index(locked, args.bucket)
-            M = index.shape[1]
-            fake_logits = torch.randn(B, M, model.config.vocab_size, generator=gen)
-            legacy = legacy_bookkeeping((B, N + 1, model.config.vocab_size), index, fake_logits, reps=args.reps)
+                measures.append(profiled_step(pinned.runner, x, mask_id, eos, eot))
+            index = plan_pass(locked, args.bucket).index
+            legacy = legacy_bookkeeping((B, N + 1, V), index, torch.randn(B, index.shape[1], V, generator=gen),
+                                        reps=args.reps)
             candidates = int(((x != mask_id) & ~locked).sum()) if t else 0
-            runner_s, graph_s = labels["bench::runner"], labels["surelock::graph"]
-            step_s = runner_s + labels["bench::sampler"]
-            rows.append(dict(backend=backend, batch=B, seq=N, step=t, active_rows=active, fraction=active / (B * N),
-                             graph_width=M, kl_candidates=candidates, step_wall_s=wall, step_profiled_s=step_s,
-                             phases_s={k.split("::")[-1]: v for k, v in labels.items()},
-                             graph_share=graph_s / step_s, bookkeeping_share=(runner_s - graph_s) / step_s,
-                             sampler_share=labels["bench::sampler"] / step_s,
-                             legacy_bookkeeping_s=legacy, bookkeeping_s=runner_s - graph_s))
+            rows.append(dict(backend=backend, batch=B, seq=N, step=t, **step_summary(measures[1:], locked),
+                             graph_width=index.shape[1], kl_candidates=candidates, legacy_bookkeeping_s=legacy))
             bar.update()
     return rows
+
+
+def step_summary(measures: list[tuple[float, dict]], locked: torch.Tensor) -> dict:
+    """Active rows, wall time and phase shares of a step, the fastest of its profiled repetitions."""
+    labels = {k: min(m[1].get(k, 0.0) for m in measures) for k in LABELS + ("cache_scatter",)}
+    active = int((~locked).sum())
+    runner_s, graph_s, sampler_s = labels["bench::runner"], labels["surelock::graph"], labels["bench::sampler"]
+    step_s = runner_s + sampler_s
+    return dict(active_rows=active, fraction=active / locked.numel(), step_wall_s=min(m[0] for m in measures),
+                step_profiled_s=step_s, phases_s={k.split("::")[-1]: v for k, v in labels.items()},
+                graph_share=graph_s / step_s, bookkeeping_share=(runner_s - graph_s) / step_s,
+                sampler_share=sampler_s / step_s, bookkeeping_s=runner_s - graph_s)
 
 
 def run(args) -> dict:
@@ -239,7 +231,7 @@ def run(args) -> dict:
     bar.set_postfix_str("optimize() cost")
     setup_cost, built = optimize_cost(model, args.backends, args.batches[0], args.prompt + args.gen, args.bucket)
     bar.update()
-    schedule = decode_e2e.record_schedule(args)
+    schedule = schedules.record_schedule(args)
     steps = []
     for backend in args.backends:
         for B in args.batches:
@@ -250,7 +242,8 @@ def run(args) -> dict:
                 settings=dict(preset=args.preset, batches=args.batches, gen=args.gen, prompt=args.prompt,
                               bucket=args.bucket, points=args.points, reps=args.reps, backends=args.backends,
                               eps=args.eps, threads=torch.get_num_threads(), schedule_source=schedule.source,
-                              inductor_cache="cold (empty cache directory)" if args.cold_cache else "warm (on-disk caches reused)"),
+                              inductor_cache="cold (empty cache directory)" if args.cold_cache
+                              else "warm (on-disk caches reused)"),
                 model=common.describe_model(model), optimize_cost=setup_cost, steps=steps)
 
 
@@ -279,8 +272,9 @@ def main(argv=None):
     for backend, entry in result["optimize_cost"].items():
         print(f"{backend}: {entry}")
     for s in result["steps"]:
-        print(f"{s['backend']:9s} B={s['batch']} step {s['step']:4d} M/N={s['fraction']:.2f}  step {s['step_wall_s'] * 1e3:8.1f} ms  "
-              f"graph {s['graph_share']:.1%}  bookkeeping {s['bookkeeping_share']:.1%} ({s['bookkeeping_s'] * 1e3:.1f} ms, "
+        print(f"{s['backend']:9s} B={s['batch']} step {s['step']:4d} M/N={s['fraction']:.2f}  "
+              f"step {s['step_wall_s'] * 1e3:8.1f} ms  graph {s['graph_share']:.1%}  "
+              f"bookkeeping {s['bookkeeping_share']:.1%} ({s['bookkeeping_s'] * 1e3:.1f} ms, "
               f"first runtime {s['legacy_bookkeeping_s'] * 1e3:.1f} ms)  sampler {s['sampler_share']:.1%}")
     print(f"wrote {path}")
     return result

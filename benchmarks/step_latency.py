@@ -6,7 +6,7 @@ For each backend and each sequence length N, one forward pass of the dense model
 is timed against one pass of the locked graph (``surelock_fx.optimize(model, backend)``) computing
 M active rows (a random subset, exact M, no bucket padding) while attending over all N cached keys.
 The dense baseline of a backend is the same pipeline without the locking rewrite
-(``common.compiled_dense``): eager, the captured graph with its linear weights packed for oneDNN as
+(``common.compiled_dense``): eager, the captured graph with its linear weights prepacked for oneDNN as
 the locked graph's are; inductor, torch.compile of it with frozen weights; onnxruntime, the plain
 model exported to ONNX, both in ONNX Runtime CPU sessions with as many threads as torch. The plain
 model in PyTorch eager, what a user runs without surelock_fx, is timed too.
@@ -16,7 +16,7 @@ hits all alike; the minimum over the repetitions is reported (load only ever add
     speedup = t_dense / t_locked,  ideal = FLOPs_dense / FLOPs_locked (FlopModel: GEMMs, LM head),
     efficiency = speedup / ideal,  speedup_vs_plain = t_plain / t_locked.
 
-The model's GEMMs alone (``common.gemm_chain``: its linear layers called back to back on packed weights)
+The model's GEMMs alone (``common.gemm_chain``: its linear layers called back to back on prepacked weights)
 are timed at the same row counts: their efficiency bounds what a pass at that many rows can reach.
 
 Also reported: the measured crossover (the M/N at which the locked graph stops being faster than
@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from surelock_fx.signature import cache_specs  # noqa: E402
+
 import common  # noqa: E402
-from surelock_fx.passes import cache_specs  # noqa: E402
 
 NAME = "step_latency"
 FULL = dict(preset="bench", seqs=[256, 1024], batch=1, reps=3,
@@ -50,12 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int)
     ap.add_argument("--fractions", type=float, nargs="+", help="active fractions M/N")
     ap.add_argument("--backends", nargs="+", choices=["eager", "inductor", "onnxruntime"])
-    args = ap.parse_args(argv)
-    defaults = QUICK if args.quick else FULL
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return common.fill_defaults(ap.parse_args(argv), QUICK, FULL)
 
 
 def locked_inputs(opt, B: int, N: int, M: int, gen: torch.Generator):
@@ -134,7 +130,8 @@ def run(args) -> dict:
         t_gemm = {B * M: [] for N in args.seqs for M in Ms[N] + [N]}
         t_locked = {(b, N, M): [] for b, N in jobs for M in Ms[N]}
         with common.count_compilations() as timed_compiles:
-            for rep in range(args.reps):  # interleaved: plain, then every backend, dense and every M, in each repetition
+            # interleaved: plain, then every backend, dense and every M, in each repetition
+            for rep in range(args.reps):
                 for N in args.seqs:
                     t_plain[N] += common.time_calls(lambda: plain_call(N), reps=1, warmup=0)
                 for rows in t_gemm:
@@ -143,7 +140,8 @@ def run(args) -> dict:
                     bar.set_postfix_str(f"rep {rep + 1}/{args.reps} {backend} N={N}")
                     t_dense[(backend, N)] += common.time_calls(lambda: dense_call(backend, N), reps=1, warmup=0)
                     for M in Ms[N]:
-                        t_locked[(backend, N, M)] += common.time_calls(lambda: locked_call(backend, N, M), reps=1, warmup=0)
+                        t_locked[(backend, N, M)] += common.time_calls(lambda: locked_call(backend, N, M), reps=1,
+                                                                       warmup=0)
                     bar.update()
     bar.close()
     results = []
@@ -162,19 +160,20 @@ def run(args) -> dict:
                                 t_gemm_locked_s=min(t_gemm[B * M]),
                                 gemm_efficiency=min(t_gemm[B * N]) / min(t_gemm[B * M]) * M / N,
                                 **common.efficiency(td, tl, flops_dense, flops_locked)))
-    crossovers = [dict(backend=b, seq=N, fraction=crossover([r for r in results if r["backend"] == b and r["seq"] == N]))
+    crossovers = [dict(backend=b, seq=N,
+                       fraction=crossover([r for r in results if r["backend"] == b and r["seq"] == N]))
                   for b, N in jobs]
     return dict(benchmark=NAME, machine=machine, quick=args.quick,
                 settings=dict(preset=args.preset, seqs=args.seqs, batch=args.batch, reps=args.reps,
                               fractions=args.fractions, backends=args.backends, threads=torch.get_num_threads(),
                               statistic="minimum over interleaved repetitions",
                               dense_baseline="the backend's pipeline without the locking rewrite: captured graph "
-                                             "with packed linear weights (eager), torch.compile of it with frozen "
+                                             "with prepacked linear weights (eager), torch.compile of it with frozen "
                                              "weights (inductor), the plain model exported to ONNX (onnxruntime)",
                               plain="the model in PyTorch eager, unpacked weights",
                               locked_graph="surelock_fx.optimize(model, backend) graph, exact M active rows",
                               gemm_chain="the model's linear layers alone, one oneDNN call each on the eager "
-                                         "pipeline's packed weights, at B*N and B*M rows; gemm_efficiency = "
+                                         "pipeline's prepacked weights, at B*N and B*M rows; gemm_efficiency = "
                                          "(t_gemm(N) / t_gemm(M)) / (N / M)"),
                 model=common.describe_model(model), results=results, crossover=crossovers,
                 compilations=compilations, compilations_timed=timed_compiles, optimize_seconds=optimize_s,

@@ -7,15 +7,17 @@ import math
 import os
 import platform
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import surelock_fx
-from surelock_fx.lock import active_index
-from surelock_fx.reference import reference_generate
-from surelock_fx.runtime import FULL_FROM
+from surelock_fx.backends import get_backend
+from surelock_fx.reference import ReferenceModel
+from surelock_fx.runtime import FULL_FROM, LockedForms, LockedRunner
+from surelock_fx.signature import active_index, cache_specs
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -24,6 +26,7 @@ import common  # noqa: E402
 import decode_e2e  # noqa: E402
 import make_report  # noqa: E402
 import overhead  # noqa: E402
+import schedules  # noqa: E402
 import step_latency  # noqa: E402
 
 # One test process runs this module in order (pytest-xdist's loadgroup): the report tests read the JSON
@@ -98,7 +101,8 @@ def test_step_latency(out, tiny):
     assert saved["benchmark"] == "step_latency"
     for key in ("cpu_model", "cpu_cores", "torch_version", "torch_threads", "load_average_end"):
         assert key in saved["machine"]
-    assert saved["machine"]["malloc"] == ("mmap/trim thresholds 2 GiB" if platform.libc_ver()[0] == "glibc" else "defaults")
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert saved["machine"]["malloc"] == ("mmap/trim thresholds 2 GiB" if glibc else "defaults")
     assert saved["settings"]["fractions"] == [0.25, 1.0] and saved["model"]["d_model"] == tiny.config.d_model
     assert [(r["backend"], r["active_rows"]) for r in result["results"]] == [
         ("eager", 4), ("eager", 16), ("onnxruntime", 4), ("onnxruntime", 16)]
@@ -110,7 +114,8 @@ def test_step_latency(out, tiny):
         assert close(r["ideal_speedup"], r["flops_dense"] / r["flops_locked"])
         assert close(r["efficiency"], r["speedup"] / r["ideal_speedup"])
         assert r["t_dense_s"] == min(r["dense_times_s"]) and r["t_locked_s"] == min(r["locked_times_s"])
-        assert r["t_plain_s"] == min(r["plain_times_s"]) and close(r["speedup_vs_plain"], r["t_plain_s"] / r["t_locked_s"])
+        assert r["t_plain_s"] == min(r["plain_times_s"])
+        assert close(r["speedup_vs_plain"], r["t_plain_s"] / r["t_locked_s"])
         assert close(r["gemm_efficiency"], r["t_gemm_dense_s"] / r["t_gemm_locked_s"] * r["active_rows"] / r["seq"])
     assert set(saved["compilations"]["eager/N=16"]) >= {"graphs", "recompiles"}
     assert (out / "step_latency_N16.png").stat().st_size > 0
@@ -123,30 +128,30 @@ def test_gemm_chain_runs_every_linear_of_the_model(tiny):
 
 
 def test_replay_plan_locks_only_unmasked_rows_and_never_unlocks():
-    schedule = decode_e2e.Schedule("test", 5e-3, gen_lags=[1, 2, None], prompt_lock_steps=[1, 3, None], recorded={})
+    schedule = schedules.Schedule("test", 5e-3, gen_lags=[1, 2, None], prompt_lock_steps=[1, 3, None], recorded={})
     B, P, G = 2, 3, 6
     prompt = torch.zeros(B, P + G, dtype=torch.bool)
     prompt[:, :P] = True
-    plan = decode_e2e.Plan.make(schedule, prompt, seed=0)
+    plan = schedules.Plan.make(schedule, prompt, seed=0)
     order = torch.stack([P + torch.randperm(G, generator=torch.Generator().manual_seed(b)) for b in range(B)])
     previous = torch.zeros_like(prompt)
     for t in range(G):
-        unmasked, first = decode_e2e.state_at(plan, order, t)
+        unmasked, first = schedules.state_at(plan, order, t)
         assert int((unmasked & ~prompt).sum()) == B * t  # one token per row per step
         locked = plan.locked(first, t)
         assert not (locked & ~unmasked).any()  # a masked row never locks
         assert not (previous & ~locked).any()  # locking is permanent
         assert not locked[:, :P][plan.prompt_step[:, :P] > t].any()
         previous = locked
-    assert not plan.locked(decode_e2e.state_at(plan, order, 0)[1], 0).any()
-    counts, widths = decode_e2e.replay_counts(plan, order, G, bucket=4)
+    assert not plan.locked(schedules.state_at(plan, order, 0)[1], 0).any()
+    counts, widths = schedules.replay_counts(schedules.replay_locks(plan, order, G), bucket=4)
     assert counts[0] == B * (P + G) and counts == sorted(counts, reverse=True)
     assert all(w % 4 == 0 or w == P + G for w in widths)
 
 
 def test_sample_points_and_interpolation():
-    assert decode_e2e.sample_points(64, 4) == [0, 1, 32, 63]
-    assert decode_e2e.sample_points(2, 6) == [0, 1] and decode_e2e.sample_points(1, 6) == [0]
+    assert schedules.sample_points(64, 4) == [0, 1, 32, 63]
+    assert schedules.sample_points(2, 6) == [0, 1] and schedules.sample_points(1, 6) == [0]
     pts, times = [0, 2, 4], [1.0, 3.0, 3.0]
     assert close(decode_e2e.interpolated_total(pts, times, 5), 1 + 2 + 3 + 3 + 3)
     # in the work of each step where it differs around t: a drop at step 2 is not smeared over steps 2..3
@@ -159,7 +164,8 @@ def test_sample_points_and_interpolation():
 def test_decode_e2e(out):
     decode_e2e.main(["--out", str(out), "--batches", "1", "2", "--gens", "8", "--prompt", "4", "--bucket", "4",
                      "--samples", "3", "--exact", "1x8", "--exact-reps", "2",
-                     "--variants", "dense/plain", "dense/eager", "locked/eager", "dense/onnxruntime", "locked/onnxruntime",
+                     "--variants", "dense/plain", "dense/eager", "locked/eager", "dense/onnxruntime",
+                     "locked/onnxruntime",
                      "--schedule-model", "random", *COMMON])
     saved = common.read_json(out / "decode_e2e.json")
     assert saved["benchmark"] == "decode_e2e" and "random-weight" in saved["schedule"]["source"]
@@ -192,71 +198,84 @@ def test_decode_e2e(out):
     exact = rows[(1, 8)]
     for name in exact["time_s"]:
         assert close(exact["time_s"][name], exact["exact"][name]["time_s"])
-        assert len(exact["exact"][name]["times_s"]) == 2 and exact["time_s"][name] == min(exact["exact"][name]["times_s"])
+        times = exact["exact"][name]["times_s"]
+        assert len(times) == 2 and exact["time_s"][name] == min(times)
         assert close(exact["estimator_error"][name], exact["sampled"]["time_s"][name] / exact["time_s"][name] - 1)
     for b in ("eager", "onnxruntime"):
         run = exact["exact"][f"locked/{b}"]
         assert close(exact["ideal_speedup"][b], run["flops_dense"] / run["flops_locked"])
+        assert run["flops_locked"] <= run["flops_computed"] <= run["flops_dense"]  # the runner's own count
         assert len(run["times_s"]) == len(exact["exact"][f"dense/{b}"]["times_s"]) == 2
     assert "never_slower_than_dense_eager" in saved["targets"]
     assert (out / "decode_e2e_speedup.png").exists() and (out / "decode_e2e_schedule.png").exists()
 
 
-def test_replay_runner_applies_the_plan(tiny):
-    """In a whole decode, the runner computes exactly the rows the plan leaves unlocked."""
-    opt = surelock_fx.optimize(tiny)
-    schedule = decode_e2e.Schedule("test", 5e-3, gen_lags=[1, 2, 3], prompt_lock_steps=[1, 2], recorded={})
+def test_replay_schedule_applies_the_plan(tiny):
+    """In a whole decode, the runner computes exactly the rows the plan leaves unlocked, and counts the packed
+    passes and the FLOPs computed that ``schedules.pass_plans`` plans for them."""
+    opt = surelock_fx.optimize(tiny, bucket=4)
+    eager = get_backend("eager")
+    both = opt.with_forms(LockedForms(eager.compile(opt.graph_module), eager.compile(opt.graph_module, packed=True)))
+    schedule = schedules.Schedule("test", 5e-3, gen_lags=[1, 2, 3], prompt_lock_steps=[1, 2], recorded={})
     prompt = torch.randint(0, 90, (2, 4), generator=torch.Generator().manual_seed(0))
-    mask_id = tiny.config.mask_token_id
     plan_prompt = torch.zeros(2, 12, dtype=torch.bool)
     plan_prompt[:, :4] = True
-    plan = decode_e2e.Plan.make(schedule, plan_prompt, seed=1)
-    runners = []
-
-    def wrap(runner):
-        runners.append(decode_e2e.ReplayRunner(runner, plan, mask_id))
-        return runners[-1]
-
-    out = surelock_fx.generate(decode_e2e._Wrapped(opt, wrap), prompt, gen_length=8, steps=8, block_length=8,
-                               lock=surelock_fx.LockConfig())
+    plan = schedules.Plan.make(schedule, plan_prompt, seed=1)
+    out = surelock_fx.generate(both, prompt, gen_length=8, steps=8, block_length=8, lock=surelock_fx.LockConfig(),
+                               schedule=schedules.Replay(plan, tiny.config.mask_token_id))
     unmask = out.stats.unmask_step  # step that committed each position (-1 prompt)
+    locks = []
     for t, active in enumerate(out.stats.active_counts):
-        first = torch.where(plan_prompt, 0, torch.where(unmask < t, unmask + 1, decode_e2e.NEVER))
-        assert active == int((~plan.locked(first, t)).sum())
+        first = torch.where(plan_prompt, 0, torch.where(unmask < t, unmask + 1, schedules.NEVER))
+        locks.append(plan.locked(first, t))
+        assert active == int((~locks[-1]).sum())
+    plans = list(schedules.pass_plans(locks, 4, "inductor"))  # both forms, as inductor's
+    assert 0 < out.stats.packed_passes == sum(p.packed for p in plans) < len(plans)
+    assert out.stats.flops_computed == sum(p.flops(opt.flops) for p in plans)
+
+
+def test_lock_timings_are_read_from_the_decode_stats():
+    """A position committed at step s is seen from pass s + 1; one locked by pass t is skipped from pass t + 1."""
+    stats = surelock_fx.DecodeStats(forward_passes=4)
+    stats.unmask_step = torch.tensor([[-1, -1, 0, 1, 2, 3]])  # prompt of 2; the last one committed after pass 3
+    stats.lock_state = types.SimpleNamespace(lock_step=torch.tensor([[0, -1, 2, -1, 3, -1]]))
+    assert schedules.lock_timings(stats, prompt=2) == ([2, None, 1], [1, None])
+
+
+class FullFrom:
+    """``opt`` as a ``Decodable`` whose runners widen the graph to N from ``full_from`` (``LockedRunner``'s), its
+    packed graph recording (M, N, largest active count) per pass in ``widths``."""
+
+    def __init__(self, opt, full_from: float):
+        self.config, self.opt, self.full_from, self.widths = opt.config, opt, full_from, []
+        self.forms = LockedForms(None, self.recording(opt.forms.packed))
+
+    def recording(self, graph):
+        def run(x, positions, index, *rest):
+            self.widths.append((index.shape[1], x.shape[1], int((index < x.shape[1]).sum(1).max())))
+            return graph(x, positions, index, *rest)
+
+        return run
+
+    def decode_runner(self, lock, stats, schedule=None):
+        opt = self.opt
+        return LockedRunner(self.forms, cache_specs(opt.graph_module), opt.config, opt.flops, lock, stats, opt.bucket,
+                            self.full_from, kl=opt.kl, schedule=schedule)
 
 
 @pytest.mark.parametrize("full_from", [0.0, 0.5, 1.0])
 def test_crossover_to_full_width_is_exact(tiny, full_from):
     """Whatever the crossover, a decode computes the same tokens and locks the same rows as the
     reference semantics; the graph width is N exactly when the bucketed M reaches full_from * N."""
-    opt = surelock_fx.optimize(tiny, bucket=4)
-    lock = surelock_fx.LockConfig(kl_threshold=5e-2)
-    widths = []
-
-    class Model:
-        config = tiny.config
-
-        @staticmethod
-        def decode_runner(lock_config, stats):
-            runner = opt.decode_runner(lock_config, stats)
-            runner.full_from = full_from
-            graph = runner.packed_graph
-
-            def recording(x, positions, index, *rest):
-                widths.append((index.shape[1], x.shape[1], int((index < x.shape[1]).sum(1).max())))
-                return graph(x, positions, index, *rest)
-
-            runner.packed_graph = recording
-            return runner
-
+    model = FullFrom(surelock_fx.optimize(tiny, bucket=4), full_from)
     prompt = torch.randint(0, 90, (2, 5), generator=torch.Generator().manual_seed(3))
-    kw = dict(gen_length=16, steps=16, block_length=16, lock=lock)
-    fast = surelock_fx.generate(Model(), prompt, **kw)
-    ref = reference_generate(tiny, prompt, **kw)
+    kw = dict(gen_length=16, steps=16, block_length=16, lock=surelock_fx.LockConfig(kl_threshold=5e-2))
+    fast = surelock_fx.generate(model, prompt, **kw)
+    ref = surelock_fx.generate(ReferenceModel(tiny), prompt, **kw)
     assert torch.equal(fast.tokens, ref.tokens)
     assert fast.stats.active_counts == ref.stats.active_counts
     assert fast.stats.locked_counts[-1] > 0
-    for M, N, active in widths:
+    for M, N, active in model.widths:
         bucketed = min(N, -(-active // 4) * 4)
         assert M == (N if bucketed >= full_from * N else bucketed)
 
@@ -299,7 +318,7 @@ def test_make_report(out):
         if not (out / f"{name}.json").exists():
             pytest.skip("needs the JSON of the other tests")
     report = out / "REPORT.md"
-    make_report.main(["--results", str(out), "--output", str(report), "--figures", str(out / "figures"), "--no-readme"])
+    make_report.main(["--results", str(out), "--output", str(report), "--figures", str(out / "figures"), "--no-blocks"])
     text = report.read_text()
     for name in ("step_latency", "decode_e2e", "overhead"):
         assert common.read_json(out / "figures" / f"{name}.json") == common.read_json(out / f"{name}.json")
@@ -331,18 +350,29 @@ def test_report_of_the_default_paths_names_the_plain_command():
     assert make_report.generated_by(make_report.parse_args([])) == "`python benchmarks/make_report.py` from `results/*.json`"
 
 
-def test_make_report_writes_the_readme_limitations(out):
+def test_make_report_writes_the_docs_limitations(out):
     if not all((out / f"{name}.json").exists() for name in ("step_latency", "decode_e2e")):
         pytest.skip("needs the JSON of the other tests")
     data = make_report.load(out)
-    readme = out / "README.md"
-    readme.write_text("intro\n<!-- limitations:begin -->\nold\n<!-- limitations:end -->\nrest\n")
-    assert make_report.update_readme(dict(benchmarks="absent", limitations=make_report.limitations(data)),
-                                     readme) == ["limitations"]
-    text = readme.read_text()
+    doc = out / "limitations.md"
+    doc.write_text("intro\n<!-- limitations:begin -->\nold\n<!-- limitations:end -->\nrest\n")
+    assert make_report.update_blocks(dict(benchmarks="absent", limitations=make_report.limitations(data)),
+                                     dict(benchmarks=doc, limitations=doc)) == ["limitations"]
+    text = doc.read_text()
     assert text.startswith("intro\n<!-- limitations:begin -->\n- A pass with few") and "old" not in text
     assert text.endswith("<!-- limitations:end -->\nrest\n")
     flat = " ".join(text.split())
     r = next(r for r in data["decode_e2e"]["results"] if r["batch"] == 2)
     assert f"a FLOPs ratio of {r['padded_flops_ratio']['tensorrt']:.3f} computed for {r['flops_ratio']:.3f}" in flat
-    assert f"run of commit {data['decode_e2e']['machine']['git_commit']}" in flat
+    assert "benchmark of [BENCHMARKS.md](../BENCHMARKS.md)," in flat  # provenance: the report, not a commit hash
+    assert "commit" not in flat
+
+
+def test_committed_blocks_are_what_make_report_makes_of_the_committed_json():
+    """README.md's headline and docs/limitations.md's bullets are generated: regenerate them with
+    ``python benchmarks/make_report.py --results benchmarks/figures --blocks-only``, never edit them."""
+    data = make_report.load(common.FIGURES)
+    texts = make_report.blocks(data, make_report.ROOT / "BENCHMARKS.md")
+    for name, path in make_report.BLOCK_FILES.items():
+        begin, end = common.readme_markers(name)
+        assert f"{begin}\n{texts[name]}\n{end}" in path.read_text(), f"{path}'s {name} block is stale"
