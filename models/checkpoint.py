@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .llada import ConfigError, LLaDAConfig, LLaDAModel
+from .llada import ConfigError, LLaDAConfig, LLaDAModel, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # dtypes the model can run in
 
 
 class CheckpointError(ValueError):
@@ -20,10 +23,10 @@ class CheckpointError(ValueError):
 
 def _weight_files(path: Path) -> list[Path]:
     if (path / INDEX_FILE).is_file():
-        try:
-            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{path / INDEX_FILE} is malformed ({err}); it needs a 'weight_map'") from None
+        weight_map = read_json_object(path / INDEX_FILE, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path / INDEX_FILE} is malformed: it needs a 'weight_map' object of tensor "
+                                  "name -> shard file name; restore it or re-save the checkpoint")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -38,7 +41,10 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_config(path: str | Path) -> LLaDAConfig:
+    """The checkpoint directory's config.json, checked; a CheckpointError or ConfigError says what is wrong."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file: give the checkpoint directory that holds config.json and the weights")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not (path / "config.json").is_file():
@@ -47,43 +53,95 @@ def load_config(path: str | Path) -> LLaDAConfig:
 
 
 def load_model(path, dtype: torch.dtype | None = None, device=None) -> LLaDAModel:
-    """Load a checkpoint directory into an eval-mode LLaDAModel.
+    """Load a checkpoint directory into an eval-mode LLaDAModel; the directory is only read.
 
     The model is built on the meta device and each tensor is read from disk straight into its
-    place (cast to ``dtype`` if given), so the weights are never held twice.
+    place (cast to ``dtype`` if given), so the weights are never held twice. Each tensor is checked as
+    it loads: floating point, the shape config.json implies, and finite after the cast
+    (``torch.isfinite``: one more pass over the weights, cheap next to reading them). A corrupt file,
+    NaN or inf weights, or (without ``dtype``) weights of mixed dtypes raise a CheckpointError naming them.
+    config.json's ``torch_dtype`` is not read: without ``dtype`` the model keeps the weights' own dtype. A
+    config.json without rope_theta, rms_norm_eps or a required token id warns once: LLaDA-8B's value is used.
     """
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {dtype} is not one the model computes in; use one of {COMPUTE_DTYPES}")
     path = Path(path)
     config = load_config(path)
+    files = _weight_files(path)
     with torch.device("meta"):
         model = LLaDAModel(config)
-    expected = {name: p for name, p in model.named_parameters()}
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    for file in _weight_files(path):
+    expected = dict(model.named_parameters())
+    unexpected, nonfinite, overflow = [], [], []
+    for file in files:
+        for name, tensor in _tensors(file, expected, device):
+            if tensor is None:
+                unexpected.append(name)
+                continue
+            _check_tensor(file, name, tensor, tuple(expected[name].shape), dtype)
+            kept = tensor if dtype is None else tensor.to(dtype)
+            if not torch.isfinite(kept).all():
+                (overflow if torch.isfinite(tensor).all() else nonfinite).append(name)
+            _assign(model, name, kept)
+    missing = sorted(name for name, p in model.named_parameters() if p.is_meta)
+    _check_complete(path, missing, unexpected)
+    _check_finite(path, nonfinite, overflow, dtype)
+    if dtype is None:
+        _check_one_dtype(path, model)
+    return model.eval()
+
+
+def _tensors(file: Path, wanted, device) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, tensor) for each tensor in a safetensors file, read one at a time; None for names not in ``wanted``
+    (not read). An unreadable file is a CheckpointError naming it."""
+    try:
         with safe_open(file, framework="pt", device=str(device or "cpu")) as f:
             for name in f.keys():
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                tensor = f.get_tensor(name)
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    raise CheckpointError(
-                        f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, but config.json "
-                        f"implies {want}; the config and the weights do not belong together"
-                    )
-                _assign(model, name, tensor.to(dtype) if dtype is not None else tensor)
-                seen.add(name)
-    missing = sorted(set(expected) - seen)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-        if unexpected:
-            more = " ..." if len(unexpected) > 8 else ""
-            parts.append(f"unexpected tensors: {', '.join(sorted(unexpected)[:8])}{more}")
+                yield name, f.get_tensor(name) if name in wanted else None
+    except SafetensorError as err:
+        raise CheckpointError(f"{file} is corrupt or incomplete (safetensors: {err}); re-download or re-save "
+                              "it") from None
+
+
+def _check_tensor(file: Path, name: str, tensor: torch.Tensor, want: tuple, dtype) -> None:
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"tensor {name} in {file} has dtype {tensor.dtype}, but weights must be floating "
+                              "point (a quantized or non-LLaDA file?); save the weights in bfloat16 or float32")
+    if dtype is None and tensor.dtype not in COMPUTE_DTYPES:
+        raise CheckpointError(f"tensor {name} in {file} is {tensor.dtype}, which the model cannot compute in; "
+                              "load it with dtype=torch.bfloat16 or torch.float32 (--dtype)")
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(
+            f"tensor {name} in {file} has shape {tuple(tensor.shape)}, but config.json "
+            f"implies {want}; the config and the weights do not belong together"
+        )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(sorted(names)[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+
+
+def _check_complete(path: Path, missing: list[str], unexpected: list[str]) -> None:
+    parts = [f"{what} tensors: {_names(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
+             if names]
+    if parts:
         raise CheckpointError(f"{path} does not match a LLaDA model: " + "; ".join(parts))
-    return model.eval()
+
+
+def _check_finite(path: Path, nonfinite: list[str], overflow: list[str], dtype) -> None:
+    if nonfinite:
+        raise CheckpointError(f"{path} holds NaN or inf in tensor(s) {_names(nonfinite)}; these weights cannot "
+                              "decode: re-download them or export them again from a healthy model")
+    if overflow:
+        raise CheckpointError(f"tensor(s) {_names(overflow)} in {path} exceed the range of {dtype} "
+                              f"(at most {torch.finfo(dtype).max:g}); load them in bfloat16 or float32 (--dtype)")
+
+
+def _check_one_dtype(path: Path, model: torch.nn.Module) -> None:
+    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters())
+    if len(dtypes) > 1:
+        mix = ", ".join(f"{n} {d}" for d, n in sorted(dtypes.items()))
+        raise CheckpointError(f"{path} mixes weight dtypes ({mix} tensors), which one model cannot compute in; "
+                              "pass dtype= (--dtype) to load them all in one")
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,10 +17,49 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llada",)
+POSITIVE_INTS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
+                 "max_sequence_length")
+POSITIVE_NUMBERS = ("rope_theta", "rms_norm_eps")
+TOKEN_IDS = ("mask_token_id", "eos_token_id")  # required, and inside the vocabulary
+OPTIONAL_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eot_token_id")  # an integer or null
+FLAGS = ("include_bias", "weight_tying")
+# official config.json keys of computations this model does not implement, with the value that turns each off
+UNSUPPORTED = {"rope": True, "alibi": False, "layer_norm_type": "rms", "scale_logits": False, "input_emb_norm": False,
+               "clip_qkv": None}
+# keys that no tensor shape can check: a config.json without them silently gets LLaDA-8B's values
+UNCHECKED_DEFAULTS = ("rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id")
+_warned: set = set()
 
 
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing keys or holds values this model cannot run."""
+
+
+def warn_once(cause, message: str) -> None:
+    """``warnings.warn(message)`` the first time this process meets ``cause`` (a hashable key)."""
+    if cause not in _warned:
+        _warned.add(cause)
+        warnings.warn(message, stacklevel=3)
+
+
+def read_json_object(path: Path, error: type[ValueError] = ConfigError) -> dict:
+    """The JSON object in the file ``path``; ``error`` naming the file if it is not UTF-8, not JSON or no object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise error(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}): it is "
+                    "corrupt or in another encoding; restore it or save it as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; "
+                    "fix it there or restore the file") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} holds a JSON {type(raw).__name__}, not an object: it must be one JSON object "
+                    '{"key": value, ...}; restore the file')
+    return raw
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +78,7 @@ class LLaDAConfig:
     max_sequence_length: int = 4096
     mask_token_id: int = 126336
     eos_token_id: int = 126081
-    pad_token_id: int = 126081
+    pad_token_id: int | None = 126081
     bos_token_id: int | None = 126080
     eot_token_id: int | None = 126348
     activation_type: str = "silu"
@@ -58,17 +99,14 @@ class LLaDAConfig:
         return self.d_model // self.n_heads
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first key whose value this model cannot run."""
+        """Raise ConfigError naming the first key whose value this model cannot run, and how to fix it."""
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unknown model_type {self.model_type!r}: surelock_fx.models loads LLaDA checkpoints "
                 f"(model_type 'llada'); for another transformers model, load it with transformers "
                 f"and pass it to surelock_fx.optimize() directly"
             )
-        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+        self._validate_types()
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
@@ -88,36 +126,67 @@ class LLaDAConfig:
             raise ConfigError(f"block_type {self.block_type!r} is not supported; use 'llama'")
         if self.include_bias:
             raise ConfigError("include_bias=true is not supported: LLaDA checkpoints have no biases")
-        for key in ("mask_token_id", "eos_token_id"):
+        self._validate_token_ids()
+
+    def _validate_types(self) -> None:
+        for key in POSITIVE_INTS:
             value = getattr(self, key)
-            if not 0 <= value < self.embedding_size:
+            if not _is_int(value) or value <= 0:
+                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+        for key in POSITIVE_NUMBERS:
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+                raise ConfigError(f"config key {key!r} must be a positive number, got {value!r}")
+        for key in FLAGS:
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
+        for key in TOKEN_IDS + OPTIONAL_TOKEN_IDS:
+            value = getattr(self, key)
+            if not _is_int(value) and (key in TOKEN_IDS or value is not None):
+                raise ConfigError(f"config key {key!r} must be an integer token id, got {value!r}; set it to "
+                                  f"the {key.removesuffix('_token_id')} token's id in the tokenizer")
+
+    def _validate_token_ids(self) -> None:
+        for key in ("mask_token_id", "eos_token_id", "eot_token_id"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.embedding_size:
                 raise ConfigError(f"{key} {value} is outside the vocabulary [0, {self.embedding_size})")
+        for key in ("eos_token_id", "eot_token_id"):
+            if getattr(self, key) == self.mask_token_id:
+                raise ConfigError(
+                    f"mask_token_id and {key} are both {self.mask_token_id}: the sampler could never tell a "
+                    f"generated {key.removesuffix('_token_id')} token from a mask; set mask_token_id to the "
+                    "mask token's id"
+                )
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAConfig":
         """Build from an official config.json dict; unknown keys are ignored, unsupported values rejected."""
-        if raw.get("rope") is False or raw.get("alibi") is True:
-            raise ConfigError("only rotary position embeddings are supported (config has rope=false or alibi=true)")
-        if raw.get("layer_norm_type", "rms") != "rms":
-            raise ConfigError(f"layer_norm_type {raw['layer_norm_type']!r} is not supported; use 'rms'")
+        for key, off in UNSUPPORTED.items():
+            if raw.get(key, off) != off:
+                raise ConfigError(f"config key {key!r} is {raw[key]!r}: this model implements only {key}={off!r}, "
+                                  "as in LLaDA's checkpoints; run this model with its own code instead")
         raw = dict(raw)
         raw.setdefault("model_type", "llada")
         if "max_sequence_length" not in raw and "max_position_embeddings" in raw:
             raw["max_sequence_length"] = raw["max_position_embeddings"]
         names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in raw.items() if k in names})
-        except TypeError as err:  # a value of the wrong type reaching arithmetic in validate()
-            raise ConfigError(f"malformed config: {err}") from None
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LLaDAConfig":
+        """Read config.json; a ConfigError names the file. Warns once if it leaves a key no shape checks unset."""
         path = Path(path)
+        raw = read_json_object(path)
+        unset = tuple(key for key in UNCHECKED_DEFAULTS if key not in raw)
+        if unset:
+            defaults = ", ".join(f"{key}={getattr(cls, key)!r}" for key in unset)
+            warn_once(("unset", unset), f"{path} sets no {', '.join(unset)}: using LLaDA-8B's {defaults}; "
+                                        "if this model was trained with other values, add them there")
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(raw)
+            return cls.from_dict(raw)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         """The official config.json keys, plus the fixed flags LLaDA's remote code expects."""

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import torch
 
+from .models.llada import read_json_object
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "vocab.json")
 
 
 class TokenizerError(ValueError):
     """The checkpoint's tokenizer is missing or unreadable, or lacks what the prompt needs."""
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: str | Path):
     """The Hugging Face tokenizer saved in the checkpoint directory, from local files only.
 
     Its class comes from tokenizer_config.json: AutoTokenizer is given an empty model config, since
@@ -24,6 +27,9 @@ def load_tokenizer(path: Path):
     """
     from transformers import AutoTokenizer, PretrainedConfig  # slow to import: only when a tokenizer is loaded
 
+    path = Path(path)
+    if not path.is_dir():
+        raise TokenizerError(f"checkpoint directory {path} does not exist")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise TokenizerError(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the model's tokenizer "
@@ -31,8 +37,13 @@ def load_tokenizer(path: Path):
         )
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())
-    except (OSError, ValueError, KeyError) as err:
-        raise TokenizerError(f"could not load the tokenizer in {path}: {first_line(err)}") from None
+    except Exception as err:  # transformers and tokenizers fail on bad files with any exception type
+        reason = first_line(err)
+    for name in TOKENIZER_JSON:  # name the file if one of them is the culprit
+        if (path / name).is_file():
+            read_json_object(path / name, TokenizerError)
+    raise TokenizerError(f"could not load the tokenizer in {path} ({reason}); restore its files or save them "
+                         "again with tokenizer.save_pretrained")
 
 
 def first_line(err: BaseException) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import tasks
 from ..evaluate import Setting, evaluate_settings
-from ..models import load_model
+from ..models import load_config, load_model
 from ..text import load_tokenizer
 from .options import (
     CACHE_HELP,
@@ -55,7 +55,8 @@ def run_eval(args: argparse.Namespace) -> int:
     """Decode fresh problems dense, locked (each --lock-eps) and with each --cache policy (alone and locked);
     print and optionally save the comparison."""
     path = args.model or default_checkpoint()
-    tokenizer = load_tokenizer(Path(path))
+    load_config(path)  # cheap checks first: directory, config.json
+    tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=DTYPES[args.dtype], device=resolve_device(args.device))
     decode = dict(tasks.DEFAULT_DECODE)
     decode.update({k: v for k, v in (("gen_length", args.gen_length), ("steps", args.steps),
