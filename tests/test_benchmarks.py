@@ -337,7 +337,7 @@ def test_make_report(out):
     e2e = common.read_json(out / "decode_e2e.json")["results"]
     exact = next(r for r in e2e if r["mode"] == "exact")  # each interleaved repetition's efficiency, against its own
     reps = zip(exact["exact"]["dense/onnxruntime"]["times_s"], exact["exact"]["locked/onnxruntime"]["times_s"])
-    effs = [d / l / exact["ideal_speedup"]["onnxruntime"] for d, l in reps]
+    effs = [dense / locked / exact["ideal_speedup"]["onnxruntime"] for dense, locked in reps]
     assert f"B={exact['batch']} G={exact['gen_length']} ONNX Runtime: {make_report.span(effs)}" in text
     low = min(r["gemm_efficiency"] for r in e2e)
     assert f"The decodes' GEMMs alone reach an efficiency of {low:.2f}" in text
@@ -347,7 +347,8 @@ def test_make_report(out):
 
 
 def test_report_of_the_default_paths_names_the_plain_command():
-    assert make_report.generated_by(make_report.parse_args([])) == "`python benchmarks/make_report.py` from `results/*.json`"
+    command = "`python benchmarks/make_report.py` from `results/*.json`"
+    assert make_report.generated_by(make_report.parse_args([])) == command
 
 
 def test_make_report_writes_the_docs_limitations(out):
