@@ -92,6 +92,11 @@ def assert_unchanged_by(graph_pass, gm) -> None:
     assert graph_pass(gm).code == code
 
 
+def prompts(B: int, P: int, seed: int = 0) -> torch.Tensor:
+    """[B, P] random prompt ids below the tiny models' special tokens (97 and up)."""
+    return torch.randint(0, 97, (B, P), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_config(**overrides) -> LLaDAConfig:
     """A small LLaDA config (d_model 64, 2 layers, 4 heads, vocab 101, mask id 100) with overrides."""
     return LLaDAConfig(**{**TINY_DEFAULTS, **overrides})

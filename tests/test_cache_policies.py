@@ -18,7 +18,7 @@ from surelock_fx.lock import LockConfig, LockState
 from surelock_fx.reference import ReferenceModel
 from surelock_fx.runtime import LockedForms
 
-from helpers import hf_llama_from_llada, tiny_model
+from helpers import hf_llama_from_llada, prompts, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
 MASK = 100
@@ -110,10 +110,6 @@ def hf(model):
 @pytest.fixture(scope="module")
 def eager(model):
     return surelock_fx.optimize(model)
-
-
-def prompts(B, P, seed=0):
-    return torch.randint(0, 97, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
 SETTINGS = [

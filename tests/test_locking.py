@@ -9,7 +9,7 @@ from surelock_fx.reference import ReferenceModel
 from surelock_fx.runtime import LockedForms, runs_packed
 from surelock_fx.signature import active_index
 
-from helpers import captured, hf_llama_from_llada, locked_inputs, tiny_model
+from helpers import captured, hf_llama_from_llada, locked_inputs, prompts, tiny_model
 
 MASK = 100
 
@@ -22,10 +22,6 @@ def model():
 @pytest.fixture(scope="module")
 def optimized(model):
     return surelock_fx.optimize(model)
-
-
-def prompts(B, P, seed=0):
-    return torch.randint(0, 97, (B, P), generator=torch.Generator().manual_seed(seed))
 
 
 SETTINGS = [

@@ -4,7 +4,6 @@ and the compiled backends (eager with prepacked weights, inductor with frozen on
 import pytest
 import torch
 import torch.nn.functional as F
-from test_passes import check_against_reference, compiled_with_specs
 
 from surelock_fx.backends import get_backend
 from surelock_fx.capture import capture
@@ -12,6 +11,7 @@ from surelock_fx.passes import copy_graph_module, prepack_linear_weights
 from surelock_fx.passes.prepack_linear_weights import LINEAR, PREPACKED_LINEAR
 
 from helpers import captured, counts, locked_inputs, shared_tiny_model, tiny_model
+from test_passes import check_against_reference, compiled_with_specs
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(),
                                 reason="prepacking needs a torch build with oneDNN (mkldnn)")
