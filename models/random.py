@@ -8,14 +8,15 @@ import torch
 from .llada import LLaDAConfig, LLaDAModel
 
 
-def random_weights_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) -> LLaDAModel:
+def random_weights_(model: torch.nn.Module, seed: int = 0, logit_scale: float = 3.0) -> torch.nn.Module:
     """Fill every parameter of ``model`` in place from a generator seeded with ``seed``; ``model`` in eval mode.
 
-    1-D parameters (norm weights) are uniform in [0.5, 1.5), the embedding N(0, 1), every other matrix
-    N(0, 1/fan_in), so activations stay O(1); an untied LM head ``logit_scale`` times that, so that the
-    softmax is peaked enough for predictions and confidences to differ.
+    1-D parameters (norm weights, biases) are uniform in [0.5, 1.5), the input embedding N(0, 1), every other
+    matrix N(0, 1/fan_in), so activations stay O(1); an untied LM head ``logit_scale`` times that, so that the
+    softmax is peaked enough for predictions and confidences to differ. Our LLaDAModel and transformers
+    models alike (their embeddings from ``get_input_embeddings``/``get_output_embeddings``).
     """
-    embedding, head = model.model.transformer.wte.weight, model.lm_head_weight
+    embedding, head = _embedding_and_head(model)
     gen = torch.Generator(device=embedding.device).manual_seed(seed)  # the same draws on CPU, any device
     with torch.no_grad():
         for param in model.parameters():
@@ -27,6 +28,13 @@ def random_weights_(model: LLaDAModel, seed: int = 0, logit_scale: float = 3.0) 
                 scale = logit_scale if param is head else 1.0
                 param.normal_(0.0, scale / math.sqrt(param.shape[1]), generator=gen)
     return model.eval()
+
+
+def _embedding_and_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(model, LLaDAModel):
+        return model.model.transformer.wte.weight, model.lm_head_weight
+    head = model.get_output_embeddings()
+    return model.get_input_embeddings().weight, None if head is None else head.weight
 
 
 def random_llada(config: LLaDAConfig, seed: int = 0, logit_scale: float = 3.0, device="cpu") -> LLaDAModel:

@@ -172,7 +172,11 @@ def _check_node(node: fx.Node, seq) -> None:
         return
     if target in (aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default):
         a, b = node.args[-2:]
-        if row_dims(_val(b), seq) or (_val(a).dim() - 1) in row_dims(_val(a), seq):
+        a_rows, b_rows = row_dims(_val(a), seq), row_dims(_val(b), seq)
+        b_contracted = max(_val(b).dim() - 2, 0)
+        # row-wise: no sequence axis contracted, and only one operand carrying one (an outer product with
+        # positions, as transformers 4.x's rotary embedding computes inv_freq @ position_ids)
+        if (_val(a).dim() - 1) in a_rows or b_contracted in b_rows or (a_rows and b_rows):
             raise UnsupportedGraphError(
                 node, "a matrix product mixes positions; only scaled_dot_product_attention may mix them "
                 "(load transformers models with attn_implementation='sdpa')"

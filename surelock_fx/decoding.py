@@ -7,6 +7,8 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
+from .capture import full_attention_mask, honoured_full_mask_dtype
+
 Forward = Callable[..., "torch.Tensor | RowLogits"]  # (x, attention_mask[, rows]) -> logits
 
 
@@ -96,9 +98,14 @@ def special_ids(config) -> tuple[int, int, int | None]:
 
 
 def model_forward(model: torch.nn.Module) -> Forward:
-    """A plain model's forward as ``(x, attention_mask) -> logits``; accepts transformers outputs."""
+    """A plain model's forward as ``(x, attention_mask) -> logits``; accepts transformers outputs. A transformers
+    model declared bidirectional (``config.is_causal = False``) gets its key mask as a 4D bidirectional one,
+    which transformers 4.x needs (it ignores the flag) and 5.x uses as it is (``capture.full_attention_mask``)."""
+    dtype = honoured_full_mask_dtype(model)
 
     def forward(x, attention_mask):
+        if dtype is not None:
+            attention_mask = full_attention_mask(attention_mask, x.shape, dtype, x.device)
         out = model(x, attention_mask=attention_mask)
         return getattr(out, "logits", out)
 

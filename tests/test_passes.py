@@ -200,6 +200,52 @@ class WholeMaxScaling(torch.nn.Module):
         return self.embed(input_ids) * position_ids.max()
 
 
+class OuterProductRotary(torch.nn.Module):
+    """Rotary angles as transformers 4.x computes them: inv_freq [B, D/2, 1] @ position_ids [B, 1, N], a
+    matrix product whose only sequence axis is not contracted (row-wise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(101, 8)
+        self.register_buffer("inv_freq", 1.0 / 100 ** (torch.arange(0, 8, 2) / 8))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        if position_ids is None:  # called as a plain model by the reference semantics
+            position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        inv = self.inv_freq[None, :, None].expand(input_ids.shape[0], -1, 1)
+        angles = (inv @ position_ids[:, None, :].float()).transpose(1, 2)
+        h = self.embed(input_ids) * torch.cat([angles.cos(), angles.sin()], -1)
+        return F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0]
+
+
+class DynamicRope(torch.nn.Module):
+    """Picks its rotary scaling from the largest position: a branch on input values."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(101, 8)
+
+    def forward(self, input_ids, position_ids):
+        scale = 2.0 if position_ids.max() > 16 else 1.0
+        return self.embed(input_ids) * scale
+
+
+def test_an_outer_product_with_positions_is_row_wise():
+    model = OuterProductRotary().eval()
+    gm = lock_rows(capture(model))
+    check_against_reference(model, gm, B=2, N=9, active=[3, 9], seed=3)
+
+
+@pytest.mark.parametrize("model, message", [(DynamicRope(), "branches on the values of its inputs"),
+                                            (WindowedAttention(3), "blocks some positions")],
+                         ids=["data-dependent-branch", "window"])
+def test_capture_failures_are_one_sentence(model, message):
+    with pytest.raises(ValueError, match=message) as info:
+        capture(model)
+    text = str(info.value)
+    assert "\n" not in text and "Traceback" not in text and "torch._" not in text, text
+
+
 def test_gpt2_layer_norms_and_absolute_positions_lock_exactly():
     """GPT-2: layer norms over the features and position embeddings read at position_ids are row-wise; the
     locked graph with every row active equals the bidirectional model, and a locked decode the reference."""
