@@ -32,7 +32,7 @@ DIM_OPS = {
     aten._softmax.default: 1, aten._log_softmax.default: 1, aten.softmax.int: 1,
     aten.log_softmax.int: 1, aten.var.correction: 1, aten.var_mean.correction: 1,
     aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2,
-    aten.cat.default: 1, aten.argmax.default: 1, aten.cumsum.default: 1,
+    aten.cat.default: 1, aten.argmax.default: 1, aten.cumsum.default: 1, aten.unbind.int: 1,
 }
 # Normalizations over trailing dims (normalized_shape, the argument at index 1): row-wise unless a sequence
 # axis is among them.
@@ -186,6 +186,15 @@ def _check_node(node: fx.Node, seq) -> None:
         if row_dims(_val(node.args[0]), seq):
             raise UnsupportedGraphError(node, "the embedding table has a sequence axis")
         return
+    if target is aten.repeat.default:
+        repeats = node.args[1]
+        if any(repeats[len(repeats) - ndim + d] != 1 for d in rows):
+            raise UnsupportedGraphError(node, "it repeats the sequence axis")
+        return
+    if target is aten.gather.default:
+        if row_dims(_val(node.args[0]), seq):
+            raise UnsupportedGraphError(node, "it gathers from a tensor along positions")
+        return  # a table without positions read at each row's own index (BERT's token types at position_ids)
     if target is aten.index.Tensor:
         if row_dims(_val(node.args[0]), seq):
             raise UnsupportedGraphError(node, "it indexes into a tensor along positions")

@@ -379,3 +379,38 @@ def compiled_with_specs(compiled, gm):
     """A compiled callable that still answers cache_specs() like its source graph."""
     compiled.meta = gm.meta
     return compiled
+
+
+def encoder(name: str, layers: int):
+    """A tiny transformers encoder (BERT: position and token-type tables read at position_ids; ModernBERT:
+    a fused QKV unbound, local-window attention every other layer from the second)."""
+    import transformers
+
+    sizes = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_hidden_layers=layers,
+                 attn_implementation="sdpa")
+    if name == "bert":
+        config = transformers.BertConfig(**sizes)
+    else:
+        config = transformers.ModernBertConfig(**sizes, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                               cls_token_id=1, sep_token_id=2)
+    config.mask_token_id = 3
+    torch.manual_seed(0)
+    return getattr(transformers, f"{'Bert' if name == 'bert' else 'ModernBert'}ForMaskedLM")(config).eval()
+
+
+@pytest.mark.parametrize("name", ["bert", "modernbert"])
+def test_encoders_lock_exactly(name):
+    model = encoder(name, layers=2 if name == "bert" else 1)
+    gm = surelock_fx.optimize(model).graph_module
+    N = 12
+    x = torch.randint(4, 100, (2, N), generator=torch.Generator().manual_seed(2))
+    positions = torch.arange(N).expand(2, N)
+    caches = [torch.zeros(2, s.heads, N + 1, s.head_dim) for s in cache_specs(gm)]
+    with torch.no_grad():
+        got = gm(x, positions, positions, torch.ones(2, N, dtype=torch.bool), *caches)[0]
+        torch.testing.assert_close(got, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_modernbert_local_attention_is_refused():
+    with pytest.raises(UnsupportedGraphError, match="sliding window"):
+        capture(encoder("modernbert", layers=3))

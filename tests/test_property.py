@@ -46,6 +46,7 @@ BEFORE = {
     "shift": lambda h, x, p: torch.cat([h[:, :1], h[:, :-1]], 1),
     "mean_over_positions": lambda h, x, p: h + h.mean(1, keepdim=True),
     "flip": lambda h, x, p: h.flip(1),
+    "repeat_positions": lambda h, x, p: h.repeat(1, 2, 1)[:, : x.shape[1]],
     "arange_positions": lambda h, x, p: h + torch.arange(x.shape[1])[None, :, None].float(),
     "max_position": lambda h, x, p: h * p.max(),
 }
