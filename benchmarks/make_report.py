@@ -2,8 +2,9 @@
 
     python benchmarks/make_report.py [--results results/] [--output BENCHMARKS.md] [--figures benchmarks/figures]
 
-Reads ``step_latency.json``, ``decode_e2e.json`` and ``overhead.json`` from ``--results`` (each
-optional), redraws their plots into ``--figures`` (with a copy of the JSON) and writes the report: settings and machine,
+Reads ``step_latency.json``, ``decode_e2e.json``, ``overhead.json``, ``cache_policies.json`` and
+``gpu_check.json`` (a run of ``benchmarks/gpu_check.py`` on a GPU) from ``--results`` (each optional),
+redraws their plots into ``--figures`` (with a copy of the JSON) and writes the report: settings and machine,
 the targets and whether they are met, tables, plots, and the comparison with the paper's numbers.
 With ``--blocks`` (default when writing the default output) the generated blocks of the docs are filled
 too (``BLOCK_FILES``): README.md gets the headline numbers between ``<!-- benchmarks:begin -->`` and
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 from decode_e2e import BACKENDS as E2E_BACKENDS  # noqa: E402
 
 ROOT = common.ROOT
@@ -36,6 +38,8 @@ COMMANDS = """```bash
 python benchmarks/step_latency.py   # per-step latency vs active fraction (add --quick for a ~1.5 min run)
 python benchmarks/decode_e2e.py     # end-to-end decodes with a recorded lock schedule
 python benchmarks/overhead.py       # optimize() cost and per-step bookkeeping share
+python benchmarks/cache_policies.py # Fast-dLLM's caches with and without locking, from recorded decodes
+python benchmarks/gpu_check.py      # on a CUDA machine: correctness and per-pass timings with the roofline
 python benchmarks/make_report.py    # this file, from results/*.json
 ```"""
 
@@ -59,7 +63,7 @@ def parse_args(argv=None):
 
 def load(results: Path) -> dict:
     out = {}
-    for name in ("step_latency", "decode_e2e", "overhead"):
+    for name in ("step_latency", "decode_e2e", "overhead", "cache_policies", "gpu_check"):
         path = results / f"{name}.json"
         if path.exists():
             out[name] = common.read_json(path)
@@ -236,7 +240,7 @@ def repetition_efficiencies(r: dict, backend: str) -> list[float]:
     """The efficiency of each interleaved repetition of an exact configuration ``r``: its dense time over
     its locked time, over the ideal."""
     dense, locked = (r["exact"][f"{kind}/{backend}"]["times_s"] for kind in ("dense", "locked"))
-    return [d / l / r["ideal_speedup"][backend] for d, l in zip(dense, locked, strict=True)]
+    return [d / t / r["ideal_speedup"][backend] for d, t in zip(dense, locked, strict=True)]
 
 
 def e2e_section(d: dict, figures: list[Path], output: Path) -> str:
@@ -343,6 +347,126 @@ def overhead_section(d: dict, figures: list[Path], output: Path) -> str:
                       "index ms", "release ms", "KL ms", "K/V cache writes ms (in graph)", "sampler", "bookkeeping ms",
                       "first runtime ms"], rows))
     out += [f"![overhead]({rel(p, output)})" for p in figures]
+    return "\n\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# cache policies
+# ----------------------------------------------------------------------------------------------
+
+CLOCK_NAMES = {"wall": "wall time", "cpu": "the process's CPU time (one thread: the time on a core of its own, "
+                                       "on a machine shared with other work)"}
+
+
+def policy_ratios(results: list[dict], name: str, key: str = "tokens_per_s") -> str:
+    """The span over configurations of variant ``name``'s ``key`` against the dense sampler's ("–" if not run)."""
+    vals = [r["variants"][name][key] / r["variants"]["dense"][key] for r in results if name in r["variants"]]
+    return span(vals) if vals else "–"
+
+
+def median(values: list):
+    values = sorted(values)
+    return values[len(values) // 2] if values else "–"
+
+
+def recorded_summary(d: dict) -> str:
+    """What the cache-policy replays were recorded from: the threshold profiles and the lock timings."""
+    rec = d["recorded"]
+    profiles = ", ".join(f"{name} {f3(sum(p) / len(p))}" for name, p in rec["profiles"].items())
+    timings = []
+    for policy, sch in rec["timings"].items():
+        lags = [v for v in sch["gen_lags"] if v is not None]
+        counts = [v for v in sch["prompt_lock_steps"] if v is not None]
+        timings.append(f"{'no cache' if policy == 'none' else policy}: generated tokens lock after a median "
+                       f"{median(lags)} computations once unmasked ({len(sch['gen_lags']) - len(lags)} of "
+                       f"{len(sch['gen_lags'])} never), {len(counts)} of {len(sch['prompt_lock_steps'])} prompt "
+                       f"positions lock, after a median {median(counts)} computations (FLOPs ratio of the recorded "
+                       f"decodes {f3(sch['recorded']['flops_ratio'])})")
+    steps = [s for p in rec["profiles"].values() for s in p]
+    whole = steps and all(s * rec["threshold_block"] == 1 for s in steps)
+    return (f"Recorded from {rec['source']}, gen {rec['settings']['gen_length']}. Threshold decoding "
+            f"({rec['threshold']}, block {rec['threshold_block']}) took a mean {profiles} steps per row and block, "
+            "relative to the block's length (1 = one token per step); threshold variants replay that step count "
+            "(per block: the block length times the expected largest of B rows' relative steps) in LLaDA's even "
+            "per-step schedule."
+            + (" The recorded model commits every row's whole block in one step, so this step count is set by the "
+               "recorded block's length, not by the model: a model that commits a few tokens per step takes more."
+               if whole else "")
+            + " Lock timing, from LLaDA-schedule locked decodes of each policy in blocks of "
+            f"{rec['lock_block']} (counted in a token's own computations, which a cache policy makes fewer than the "
+            "passes; threshold variants replay the same timing): " + "; ".join(timings) + ".")
+
+
+def cache_policies_rows(d: dict) -> list[list]:
+    return [[r["batch"], r["prompt"], name, v["steps"], f3(v["flops_ratio"]), f2(v["tokens_per_s"]), f2(v["speedup"]),
+             f2(v["ideal_speedup"]), f2(v["efficiency"]), f2(v["gemm_efficiency"]), pct(v["gemm_share"]),
+             " / ".join(pct(v[f"{part}_s"] / v["time_s"]) for part in ("graph", "kl", "sampler"))]
+            for r in d["results"] for name, v in r["variants"].items()]
+
+
+def cache_policies_targets(d: dict) -> str:
+    rows = []
+    for t in d["targets"]:
+        measured = f"tokens/s {f2(t['tokens_per_s_ratio'])}x" + (
+            f", FLOPs {f3(t['flops_ratio'])}x" if "flops_ratio" in t else "")
+        rows.append([t["target"], t["batch"], t["prompt"], measured, "met" if t["met"] else "**not met**"])
+    return table(["target", "B", "P", "measured", "status"], rows)
+
+
+def published_comparison(d: dict) -> str:
+    """Their published figures beside ours, labelled."""
+    pub, res = d["published"], d["results"]
+    fd, sl = pub["fast_dllm"], pub["surelock"]
+    gen = d["settings"]["gen"]
+    tps, acc = fd["gen_256"]["tokens_per_s"], fd["gen_256"]["accuracy_pct"]
+    rows = [[f"theirs: {fd['source']}", "caches + threshold vs LLaDA",
+             f"{tps[0]} → {tps[1]} tok/s = {fd['gen_256']['ratio']}x at gen 256 ({fd['gen_512_ratio']}x at gen 512); "
+             f"accuracy {acc[0]} → {acc[1]}%", "–"],
+            [f"theirs: {sl['source']}", "SureLock + selection vs dense", f"{sl['tokens_per_s_ratio']}x",
+             f"{sl['flops_ratio']}x"]]
+    for name, what in (("dual+thr", "dual cache + threshold vs dense"), ("prefix+thr", "prefix cache + threshold"),
+                       ("lock", "SureLock alone"), ("lock+thr", "SureLock + threshold"),
+                       ("dual+lock+thr", "dual cache + SureLock + threshold")):
+        if any(name in r["variants"] for r in res):
+            rows.append([f"ours (gen {gen}, all B and P, estimated)", what, f"{policy_ratios(res, name)}x",
+                         f"{policy_ratios(res, name, 'flops')}x"])
+    return table(["source", "comparison", "tokens/s ratio", "FLOPs ratio"], rows)
+
+
+def cache_policies_section(d: dict, figures: list[Path], output: Path) -> str:
+    s, m, val = d["settings"], d["model"], d["validation"]
+    out = [f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} "
+           f"heads, MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']} ({m['parameters'] / 1e6:.0f}M parameters); "
+           f"gen {s['gen']}, block {s['block']}, prompts {s['prompts']} (random tokens), B in {s['batches']}; "
+           f"{s['threads']} torch thread(s). Policies: `dense` is the dense LLaDA sampler (dense graph, "
+           "steps = gen, no cache); `prefix` and `dual` are Fast-dLLM's caches as the rows each pass computes, `lock` "
+           f"SureLock (eps {s['eps']}), `+thr` threshold decoding's step count; all but dense run the locked graph "
+           f"({s['locked_backend']}), dense runs {s['dense_baseline']}.",
+           recorded_summary(d),
+           "Times are estimates: a real decode of each replay on a tiny model gives every pass's computed rows, KL "
+           "candidate rows and masked rows; single passes of the benchmark model (dense graph, locked graph at "
+           f"{s['points']} row counts, GEMMs alone at the same counts), the sampler's step and the lock rule's KL are "
+           f"timed ({CLOCK_NAMES[s['clock']]}; the fastest of {s['reps']} interleaved), and a decode's time is the "
+           "sum over its passes, "
+           "interpolated in those rows. FLOPs ratio and speedup are against `dense`; efficiency = speedup / "
+           "(1 / FLOPs ratio); `GEMMs alone` is that efficiency for the model's linear layers alone (the bound of "
+           "the step-latency and end-to-end sections), `GEMM share` the decode's time its GEMMs alone would take; "
+           "`graph / KL / sampler` the shares of the estimated time.",
+           table(["B", "P", "policy", "steps", "FLOPs ratio", "tok/s", "speedup", "ideal", "efficiency", "GEMMs alone",
+                  "GEMM share", "graph / KL / sampler"], cache_policies_rows(d))]
+    clock = s["clock"]
+    checked = ", ".join(f"{name}: estimate {f2(v['time_s'])} s, whole decode {f2(v[f'measured_{clock}_s'])} s "
+                        f"({100 * v['estimator_error']:+.0f}%; wall {f2(v['measured_wall_s'])} s, CPU "
+                        f"{f2(v['measured_cpu_s'])} s)" for name, v in val["variants"].items())
+    match = all(v["rows_match"] for v in val["variants"].values())
+    out.append(f"Estimator check (B={val['batch']}, P={val['prompt']}, gen {val['gen_length']}, decoded whole on the "
+               f"benchmark model, the fastest of {s['validate_reps']}): {checked}; the speedup between them is off "
+               f"by {100 * val['speedup_error']:+.0f}%. The whole decodes computed "
+               + ("the replayed rows at every pass." if match else "**other rows than the replay at some pass**."))
+    out += ["Targets (from the issue):", cache_policies_targets(d),
+            "Published figures, theirs (LLaDA-8B on GPUs, with accuracy measured), beside ours (a CPU, random-weight "
+            "models, replayed schedules, no accuracy): only the ratios compare.", published_comparison(d)]
+    out += [f"![cache policies]({rel(p, output)})" for p in figures]
     return "\n\n".join(out)
 
 
@@ -486,6 +610,11 @@ def render(data: dict, figures: dict, output: Path, generated_by: str) -> str:
     if "overhead" in data:
         parts += ["## Overheads: optimize() and per-step bookkeeping",
                   overhead_section(data["overhead"], figures.get("overhead", []), output)]
+    if "cache_policies" in data:
+        parts += ["## Cache policies",
+                  cache_policies_section(data["cache_policies"], figures.get("cache_policies", []), output)]
+    if "gpu_check" in data:
+        parts += [gpu_check.markdown(data["gpu_check"])]
     parts += ["## Comparison with the paper", paper_section(data),
               "The paper measured LLaDA-8B on a GPU, where a step with few active rows under-fills the device; "
               "these numbers are a CPU with random-weight models and a replayed lock schedule, so only the ratios "
@@ -623,11 +752,15 @@ def main(argv=None):
         print(f"filled {', '.join(f'{n} ({os.path.relpath(BLOCK_FILES[n], ROOT)})' for n in names) or 'no blocks'}")
         return
     figures = {}
-    modules = {"step_latency": "step_latency", "decode_e2e": "decode_e2e", "overhead": "overhead"}
+    modules = {"step_latency": "step_latency", "decode_e2e": "decode_e2e", "overhead": "overhead",
+               "cache_policies": "cache_policies"}
     for name, module in modules.items():
         if name in data:
             figures[name] = __import__(module).plot(data[name], args.figures)
             (args.figures / f"{name}.json").write_text(json.dumps(data[name], indent=1) + "\n")  # versioned with it
+    if "gpu_check" in data:  # a table, no plot
+        args.figures.mkdir(parents=True, exist_ok=True)
+        (args.figures / "gpu_check.json").write_text(json.dumps(data["gpu_check"], indent=1) + "\n")
     args.output.write_text(render(data, figures, args.output, generated_by(args)))
     if args.blocks:
         update_blocks(blocks(data, args.output))

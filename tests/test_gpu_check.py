@@ -109,6 +109,18 @@ def test_markdown_is_the_written_report(run):
     assert "- steps_inductor: dry run" in text and "no 32-layer time is measured" in text
 
 
+def test_make_report_turns_the_json_into_a_gpu_section(run, tmp_path):
+    import make_report
+
+    out, result = run
+    report = tmp_path / "BENCHMARKS.md"
+    make_report.main(["--results", str(out), "--output", str(report), "--figures", str(tmp_path / "figures"),
+                      "--no-blocks"])
+    text = report.read_text()
+    assert gpu_check.markdown(result) in text and text.index("## GPU check") < text.index("## Comparison")
+    assert (tmp_path / "figures" / "gpu_check.json").exists()
+
+
 def test_out_of_budget_every_part_is_skipped_and_saved(tmp_path):
     result = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--no-progress", "--budget-s", "0",
                              "--parts", "correctness", "decode"])
