@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -55,9 +56,18 @@ class AttentionProbe(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_HONOURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its probed mask dtype
+
+
 def honoured_full_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """``full_mask_dtype(model)`` if, at two positions, every attention call then sees every key (not so in a
-    model that reads a 4D mask in another convention, or flattens it), else None."""
+    model that reads a 4D mask in another convention, or flattens it), else None; probed once per model."""
+    if model not in _HONOURED:
+        _HONOURED[model] = _probe_full_mask(model)
+    return _HONOURED[model]
+
+
+def _probe_full_mask(model: torch.nn.Module) -> torch.dtype | None:
     dtype = full_mask_dtype(model)
     if dtype is None:
         return None

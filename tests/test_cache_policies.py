@@ -139,11 +139,14 @@ def test_policy_decodes_fastdllm_reference_tokens(model, hf, eager, cache, B, se
 
 
 @pytest.mark.parametrize("backend", ["inductor", "onnxruntime"])
-def test_other_backends_decode_the_policies_like_eager(model, eager, backend):
-    """The same compiled graph serves every policy: one optimize() per backend decodes all of them."""
+def test_other_backends_decode_the_policies_exactly(model, hf, eager, backend):
+    """The same compiled graph serves every policy: one optimize() per backend decodes each policy as
+    Fast-dLLM's reference does, and each locked policy as eager does."""
     optimized = surelock_fx.optimize(model, backend=backend)
     p = prompts(3, 5, seed=9)
     for cache, settings in (("prefix", SETTINGS[0]), ("dual", SETTINGS[3]), ("dual", SETTINGS[0])):
+        plain = surelock_fx.generate(optimized, p, cache=cache, **settings)
+        assert torch.equal(plain.tokens, fastdllm_generate(hf, p, cache=cache, **settings))
         kw = dict(cache=cache, lock=LockConfig(kl_threshold=5e-2), **settings)
         want = surelock_fx.generate(eager, p, **kw)
         got = surelock_fx.generate(optimized, p, **kw)

@@ -306,8 +306,9 @@ def test_model_without_position_input_is_rejected():
 
 def reference_logits(model, x, locked, caches):
     """Dense forward with locked rows' K/V replaced by ``caches`` (filled on the first call)."""
+    forward = model_forward(model)  # outside the mode: it may probe the model's attention first
     with ReplaceLockedKV(caches, locked):
-        return model_forward(model)(x, None)
+        return forward(x, None)
 
 
 def locked_step(gm, x, locked, caches, rows_packed=False):
