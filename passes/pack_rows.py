@@ -75,7 +75,7 @@ def pack_rows(gm: fx.GraphModule) -> PassResult:
     [batch, heads, rows, head_dim]). Two inputs follow ``key_mask``: ``packed_rows`` [R], the flat
     entries b * M + j of ``active_index`` that are real rows (< N), in order, and ``unpack_index``
     [B, M], each entry's place among them (padding entries: any real row), as
-    ``surelock_fx.lock.pack_index`` builds them. The logits come out as [1, R, V]. Graphs not locked,
+    ``surelock_fx.signature.pack_index`` builds them. The logits come out as [1, R, V]. Graphs not locked,
     or already packed, are returned unchanged.
     """
     if not is_locked(gm) or is_packed(gm):

@@ -94,7 +94,7 @@ def test_prepacked_graph_matches_unprepacked(dtype, B, N, M):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
 
 
-def test_compile_graph_leaves_its_input_exportable(model):
+def test_compiling_leaves_its_input_exportable(model):
     gm = captured(model)
     code = gm.code
     get_backend("eager").compile(gm)
