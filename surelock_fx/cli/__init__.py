@@ -22,7 +22,7 @@ EXIT_ERROR = 2
 SUBCOMMANDS = [
     ("generate", "decode an answer to one prompt with a LLaDA checkpoint", generate.add_generate_arguments,
      generate.run_generate),
-    ("eval", "decode fresh problems dense and locked; compare accuracy, FLOPs and time",
+    ("eval", "decode fresh problems dense, locked and with cache policies; compare accuracy, FLOPs and speed",
      evaluate.add_eval_arguments, evaluate.run_eval),
     ("demo", "the main job: dense vs locked decoding of every task on the shipped model",
      evaluate.add_demo_arguments, evaluate.run_demo),
