@@ -50,10 +50,10 @@ class LockState:
     KL rule's previous logits, and what a runner hands the sampler. Per-position tensors carry a
     scratch column N where padding rows of an active index land.
 
-    A KL candidate is a row computed in both the new and the latest pass, so its previous logits are
-    among the latest pass's rows: no [B, N, V] buffer is kept. (The lock rule alone locks monotonically;
-    a ``runtime.LockSchedule`` may set any mask, and a row it leaves out of a pass is no candidate in
-    the next one.)
+    A KL candidate is a row computed in the new pass and before: its previous logits are among the latest
+    pass's rows, or, for a row a cache policy left out meanwhile, among the held ones (``hold``); no
+    [B, N, V] buffer is kept. (The lock rule alone locks monotonically; a ``runtime.LockSchedule`` may set
+    any mask.)
     """
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,
@@ -99,12 +99,23 @@ class LockState:
         will read (none without a lock rule), copied out."""
         if self.logits is None or len(self.logits) + incoming <= self.locked.numel():
             return
-        keep = self.row[:, : self.seq] >= 0
-        keep &= torch.zeros_like(self.locked) if self.config is None else self._eligible(unmasked)[:, : self.seq]
+        if self.config is None:
+            keep = torch.zeros_like(self.locked)
+        else:
+            keep = self._eligible(unmasked)[:, : self.seq] & (self.row[:, : self.seq] >= 0)
         rows = self.row[:, : self.seq][keep]
         self.logits, self._lse = self.logits.index_select(0, rows), self._lse[rows]
         self.row = torch.full_like(self.row, -1)
         self.row[:, : self.seq][keep] = torch.arange(len(rows), device=rows.device)
+
+    def skipped(self, rows: torch.Tensor | None, unmasked: torch.Tensor) -> torch.Tensor:
+        """[B, N]: the positions a pass leaves out: the locked ones and, given a cache policy's ``rows`` [B, N],
+        those outside them, whose candidates' latest logits are then held (``hold``)."""
+        if rows is None:
+            return self.locked
+        skipped = self.locked | ~rows
+        self.hold(~skipped, unmasked)
+        return skipped
 
     def hold(self, computing: torch.Tensor, unmasked: torch.Tensor) -> None:
         """Before a pass that computes the positions ``computing`` [B, N] of an input with ``unmasked`` [B, N]
@@ -186,13 +197,14 @@ class LockState:
     def _kl(self, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, b: torch.Tensor):
         """(KL, log-sum-exp of the new logits) [C] of candidate rows ``rows`` of ``logits`` [R, V] (positions
         ``positions`` of batch rows ``b``) against their previous logits, the latest pass's or the held ones."""
-        kl, lse = torch.empty(len(rows), device=logits.device), torch.empty(len(rows), device=logits.device)
         latest = self.row[b, positions]
+        if self.held is None:  # without a cache policy: every previous row is the latest pass's
+            return _kl_chunked(self.kl, logits, rows, self.logits, self._lse, latest)
+        kl, lse = torch.empty(len(rows), device=logits.device), torch.empty(len(rows), device=logits.device)
         from_latest = latest >= 0
         for part, store, store_lse, prev in ((from_latest, self.logits, self._lse, latest),
                                              (~from_latest, self.held, self.held_lse, self.held_row[b, positions])):
-            if store is not None:
-                kl[part], lse[part] = _kl_chunked(self.kl, logits, rows[part], store, store_lse, prev[part])
+            kl[part], lse[part] = _kl_chunked(self.kl, logits, rows[part], store, store_lse, prev[part])
         return kl, lse
 
     def _sure(self, logits: torch.Tensor, rows: torch.Tensor, kl: torch.Tensor, lse: torch.Tensor, b, j, shape):

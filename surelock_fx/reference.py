@@ -56,9 +56,7 @@ class ReferenceRunner:
         if self.state is None:
             self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id)
         unmasked = x != self.mask_id
-        skipped = self.state.locked if rows is None else self.state.locked | ~rows
-        if rows is not None:
-            self.state.hold(~skipped, unmasked)
+        skipped = self.state.skipped(rows, unmasked)
         with ReplaceLockedKV(self.caches, skipped):
             logits = self.forward(x, attention_mask)
         self.stats.forward_passes += 1

@@ -135,14 +135,12 @@ class LockedRunner:
         key_mask = (torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None
                     else attention_mask.bool())
         unmasked = x != self.mask_id
-        skipped = self.state.locked if rows is None else self.state.locked | ~rows
+        skipped = self.state.skipped(rows, unmasked)
         with record_function("surelock::index"):
             plan = plan_pass(skipped, self.bucket, self.full_from, padded=self.forms.padded is not None,
                              packed=self.forms.packed is not None, pack_from=self.pack_from)
             packing = pack_index(plan.index, N, plan.real) if plan.packed else ()
         with record_function("surelock::release"):
-            if rows is not None:
-                self.state.hold(~skipped, unmasked)
             self.state.release(unmasked, max(plan.real, 1) if packing else plan.index.numel())
         with record_function("surelock::graph"):
             graph = self.forms.packed if plan.packed else self.forms.padded
