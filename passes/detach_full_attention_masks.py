@@ -76,8 +76,9 @@ def _inputs_at(gm: fx.GraphModule, seq_len: int) -> list[torch.Tensor]:
     return inputs
 
 
-def _allows_all(value: torch.Tensor) -> bool:
-    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+def allows_all(mask: torch.Tensor) -> bool:
+    """Whether an attention mask (boolean, or additive float) lets every query see every key."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
 def _check_full(gm: fx.GraphModule, sdpas: list[fx.Node]) -> None:
@@ -98,7 +99,7 @@ def _check_full(gm: fx.GraphModule, sdpas: list[fx.Node]) -> None:
         with torch.no_grad():
             values = mask_graph(*_inputs_at(gm, seq_len))
         for node, value in zip(sdpas, (values[masks.index(_mask_arg(n))] for n in sdpas)):
-            if not _allows_all(value):
+            if not allows_all(value):
                 raise UnsupportedGraphError(
                     node, f"its attention mask blocks some positions at sequence length {seq_len} (causal, or a "
                     "sliding window: set config.sliding_window = None if every sequence you decode is shorter "

@@ -11,6 +11,7 @@ from torch import fx
 from torch.export import Dim
 from torch.overrides import TorchFunctionMode
 
+from .passes.detach_full_attention_masks import allows_all
 from .passes.pipeline import CAPTURE, run_pipeline
 
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
@@ -33,11 +34,6 @@ def full_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
     if getattr(config, "is_causal", True) or any(getattr(config, f, None) is not None for f in LOCAL_ATTENTION):
         return None
     return model.dtype
-
-
-def allows_all(mask: torch.Tensor) -> bool:
-    """Whether an attention mask (boolean, or additive float) lets every query see every key."""
-    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
 class AttentionProbe(TorchFunctionMode):

@@ -174,8 +174,7 @@ def step_candidates(logits, x, mask_index, block_end, *, mask_id, temperature, r
     B, N = x.shape
     V = logits.rows.shape[-1]
     noise = None if temperature == 0 else GumbelNoise(B * N, V, temperature, x.device, generator)
-    live = mask_index.clone()
-    live[:, block_end:] = False
+    live = block_masked(mask_index, block_end)
     live_rows = live.flatten()
     scored = remasking == "low_confidence"
     logits_banned = [eos] if logits_eos_inf and eos is not None else []
@@ -298,10 +297,9 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
             step = 0
             while block_runs(x[:, lo:hi] == mask_id, step, steps_per_block, threshold, cache):
                 mask_index = x == mask_id
-                live = mask_index.clone()
-                live[:, hi:] = False
-                rows = cache_rows(cache, step, x.shape, lo, hi)
-                logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id, live, rows)
+                rows = cache_rows(cache, step, x.shape, lo, hi, x.device)
+                logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id,
+                                       block_masked(mask_index, hi), rows)
                 x0, confidence = step_candidates(logits, x, mask_index, hi, **candidates)
                 del logits  # not held through the next forward pass
                 if threshold:
@@ -327,14 +325,22 @@ def block_runs(block_masked: torch.Tensor, step: int, steps_per_block: int, thre
     return step < steps_per_block and (cache is None or bool(block_masked.any()))
 
 
-def cache_rows(cache, step: int, shape, lo: int, hi: int) -> torch.Tensor | None:
+def block_masked(mask_index: torch.Tensor, block_end: int) -> torch.Tensor:
+    """The masked positions before ``block_end``: the current block's (earlier blocks are done), those a
+    step reads."""
+    live = mask_index.clone()
+    live[:, block_end:] = False
+    return live
+
+
+def cache_rows(cache, step: int, shape, lo: int, hi: int, device=None) -> torch.Tensor | None:
     """The positions [B, N] a pass of a cache policy computes at ``step`` of the block [lo, hi): None (every
     position) at the block's first step and without a policy; then from the block's start to the end
     ("prefix") or the block only ("dual"). The rows left out keep the keys and values of the pass that
     last computed them."""
     if cache is None or step == 0:
         return None
-    positions = torch.arange(shape[1])
+    positions = torch.arange(shape[1], device=device)
     rows = positions >= lo if cache == "prefix" else (positions >= lo) & (positions < hi)
     return rows.expand(shape)
 
