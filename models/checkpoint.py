@@ -1,24 +1,68 @@
-"""Hugging Face-format LLaDA checkpoints: config.json plus safetensors, single file or sharded."""
+"""Hugging Face-format LLaDA and Dream checkpoints: config.json plus safetensors, single file or sharded; and
+the conversion of the official remote-code models (``AutoModel.from_pretrained(..., trust_remote_code=True)``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .dream import DreamConfig, DreamModel
 from .llada import ConfigError, LLaDAConfig, LLaDAModel, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # dtypes the model can run in
+Config = Union[LLaDAConfig, DreamConfig]
+Model = Union[LLaDAModel, DreamModel]
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing files or holds tensors that do not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family: its config.json ``model_type``, our config and model classes, and the class name of the
+    official remote-code model."""
+
+    name: str
+    model_type: str
+    config: type
+    model: type
+    remote_class: str
+
+
+FAMILIES = (Family("LLaDA", "llada", LLaDAConfig, LLaDAModel, "LLaDAModelLM"),
+            Family("Dream", "Dream", DreamConfig, DreamModel, "DreamModel"))
+DEFAULT_MODEL_TYPE = "llada"  # a config.json without model_type is LLaDA's, as the first versions wrote them
+SUPPORTED = " and ".join(f"{f.name} (model_type {f.model_type!r})" for f in FAMILIES)
+
+
+def family_of(model_type) -> Family:
+    """The family of a config.json ``model_type``; a ConfigError listing the supported types for another."""
+    for family in FAMILIES:
+        if model_type == family.model_type:
+            return family
+    hint = ""
+    if isinstance(model_type, str):
+        near = [f.model_type for f in FAMILIES if f.model_type.lower() == model_type.lower()]
+        hint = f" (model_type is case-sensitive: did you mean {near[0]!r}?)" if near else ""
+    raise ConfigError(f"unknown model_type {model_type!r}{hint}: surelock_fx.models loads {SUPPORTED} "
+                      "checkpoints; for another transformers model, load it with transformers and pass it to "
+                      "surelock_fx.optimize() directly")
+
+
+def _family_of_config(config) -> Family:
+    for family in FAMILIES:
+        if isinstance(config, family.config):
+            return family
+    raise TypeError(f"{type(config).__name__} is not the config of a model surelock_fx.models saves ({SUPPORTED})")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -40,20 +84,27 @@ def _weight_files(path: Path) -> list[Path]:
     )
 
 
-def load_config(path: str | Path) -> LLaDAConfig:
-    """The checkpoint directory's config.json, checked; a CheckpointError or ConfigError says what is wrong."""
+def load_config(path: str | Path) -> Config:
+    """The checkpoint directory's config.json, checked: a LLaDAConfig or a DreamConfig by its ``model_type``
+    ('llada', the default, or 'Dream'); a CheckpointError or ConfigError says what is wrong."""
     path = Path(path)
     if path.is_file():
         raise CheckpointError(f"{path} is a file: give the checkpoint directory that holds config.json and the weights")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json; a Hugging Face-format LLaDA checkpoint needs one")
-    return LLaDAConfig.from_json(path / "config.json")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{path} has no config.json; a Hugging Face-format LLaDA or Dream checkpoint needs one")
+    try:
+        family = family_of(read_json_object(file).get("model_type", DEFAULT_MODEL_TYPE))
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
+    return family.config.from_json(file)
 
 
-def load_model(path, dtype: torch.dtype | None = None, device=None) -> LLaDAModel:
-    """Load a checkpoint directory into an eval-mode LLaDAModel; the directory is only read.
+def load_model(path, dtype: torch.dtype | None = None, device=None) -> Model:
+    """Load a checkpoint directory into an eval-mode LLaDAModel or DreamModel (config.json's ``model_type``); the
+    directory is only read.
 
     The model is built on the meta device and each tensor is read from disk straight into its
     place (cast to ``dtype`` if given), so the weights are never held twice. Each tensor is checked as
@@ -61,15 +112,17 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> LLaDAMode
     (``torch.isfinite``: one more pass over the weights, cheap next to reading them). A corrupt file,
     NaN or inf weights, or (without ``dtype``) weights of mixed dtypes raise a CheckpointError naming them.
     config.json's ``torch_dtype`` is not read: without ``dtype`` the model keeps the weights' own dtype. A
-    config.json without rope_theta, rms_norm_eps or a required token id warns once: LLaDA-8B's value is used.
+    config.json without rope_theta, rms_norm_eps or a required token id warns once: LLaDA-8B's (Dream-v0-7B's)
+    value is used.
     """
     if dtype is not None and dtype not in COMPUTE_DTYPES:
         raise ValueError(f"dtype {dtype} is not one the model computes in; use one of {COMPUTE_DTYPES}")
     path = Path(path)
     config = load_config(path)
+    family = _family_of_config(config)
     files = _weight_files(path)
     with torch.device("meta"):
-        model = LLaDAModel(config)
+        model = family.model(config)
     expected = dict(model.named_parameters())
     unexpected, nonfinite, overflow = [], [], []
     for file in files:
@@ -77,13 +130,12 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> LLaDAMode
             if tensor is None:
                 unexpected.append(name)
                 continue
-            _check_tensor(file, name, tensor, tuple(expected[name].shape), dtype)
+            _check_tensor(file, name, tensor, tuple(expected[name].shape), dtype, family)
             kept = tensor if dtype is None else tensor.to(dtype)
             if not torch.isfinite(kept).all():
                 (overflow if torch.isfinite(tensor).all() else nonfinite).append(name)
             _assign(model, name, kept)
-    missing = sorted(name for name, p in model.named_parameters() if p.is_meta)
-    _check_complete(path, missing, unexpected)
+    _check_complete(str(path), family, _missing(model), unexpected)
     _check_finite(path, nonfinite, overflow, dtype)
     if dtype is None:
         _check_one_dtype(path, model)
@@ -102,10 +154,11 @@ def _tensors(file: Path, wanted, device) -> Iterator[tuple[str, torch.Tensor | N
                               "it") from None
 
 
-def _check_tensor(file: Path, name: str, tensor: torch.Tensor, want: tuple, dtype) -> None:
+def _check_tensor(file: Path, name: str, tensor: torch.Tensor, want: tuple, dtype, family: Family) -> None:
     if not tensor.is_floating_point():
         raise CheckpointError(f"tensor {name} in {file} has dtype {tensor.dtype}, but weights must be floating "
-                              "point (a quantized or non-LLaDA file?); save the weights in bfloat16 or float32")
+                              f"point (a quantized or non-{family.name} file?); save the weights in bfloat16 or "
+                              "float32")
     if dtype is None and tensor.dtype not in COMPUTE_DTYPES:
         raise CheckpointError(f"tensor {name} in {file} is {tensor.dtype}, which the model cannot compute in; "
                               "load it with dtype=torch.bfloat16 or torch.float32 (--dtype)")
@@ -120,11 +173,15 @@ def _names(names: list[str]) -> str:
     return ", ".join(sorted(names)[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
 
 
-def _check_complete(path: Path, missing: list[str], unexpected: list[str]) -> None:
+def _missing(model: torch.nn.Module) -> list[str]:
+    return sorted(name for name, p in model.named_parameters() if p.is_meta)
+
+
+def _check_complete(source: str, family: Family, missing: list[str], unexpected: list[str]) -> None:
     parts = [f"{what} tensors: {_names(names)}" for what, names in (("missing", missing), ("unexpected", unexpected))
              if names]
     if parts:
-        raise CheckpointError(f"{path} does not match a LLaDA model: " + "; ".join(parts))
+        raise CheckpointError(f"{source} does not match a {family.name} model: " + "; ".join(parts))
 
 
 def _check_finite(path: Path, nonfinite: list[str], overflow: list[str], dtype) -> None:
@@ -149,8 +206,9 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def save_model(model: LLaDAModel, path, max_shard_bytes: int | None = None) -> Path:
-    """Write config.json and safetensors weights; shard when the weights exceed max_shard_bytes."""
+def save_model(model: Model, path, max_shard_bytes: int | None = None) -> Path:
+    """Write config.json (the family's official layout) and safetensors weights; shard when the weights exceed
+    max_shard_bytes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
@@ -179,20 +237,69 @@ def save_model(model: LLaDAModel, path, max_shard_bytes: int | None = None) -> P
 
 
 def from_hf_llada(hf_model: torch.nn.Module) -> LLaDAModel:
-    """Convert an in-memory Hugging Face LLaDA model (remote code, model_type 'llada') by its state dict."""
+    """Convert an in-memory Hugging Face LLaDA model (remote code, model_type 'llada') by its state dict (its
+    weights shared, on their device; cast to one dtype if they mix)."""
+    return _convert(hf_model, FAMILIES[0], "from_hf_llada")
+
+
+def from_hf_dream(hf_model: torch.nn.Module) -> DreamModel:
+    """Convert an in-memory Hugging Face Dream model (remote code, model_type 'Dream') by its state dict, as
+    ``from_hf_llada`` converts LLaDA's."""
+    return _convert(hf_model, FAMILIES[1], "from_hf_dream")
+
+
+def is_remote_code(module: torch.nn.Module) -> bool:
+    """Whether ``module`` looks like an official remote-code model of a family here (``LLaDAModelLM``, ``DreamModel``
+    from ``AutoModel.from_pretrained(path, trust_remote_code=True)``), by its class name or its
+    ``config.model_type``; our own models are not. Nothing remote is imported."""
+    if isinstance(module, tuple(f.model for f in FAMILIES)):
+        return False
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    return any(type(module).__name__ == f.remote_class or model_type == f.model_type for f in FAMILIES)
+
+
+def from_remote_code(module: torch.nn.Module) -> Model:
+    """Our LLaDAModel or DreamModel computing what an official remote-code model computes: ``LLaDAModelLM``
+    (config.model_type 'llada', whose forward takes no position_ids) or ``DreamModel`` (config.model_type
+    'Dream'), converted by its config and state dict. The weights are shared, not copied, and stay on their
+    device (cast to one dtype if they mix). Anything else is a ConfigError naming the families supported."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    for family in FAMILIES:
+        if model_type == family.model_type:
+            return _convert(module, family, "from_remote_code")
+    raise ConfigError(
+        f"from_remote_code converts the official remote-code models of {SUPPORTED}, i.e. "
+        f"{' and '.join(f.remote_class for f in FAMILIES)}; {type(module).__name__} has config.model_type "
+        f"{model_type!r}; for another transformers model, pass it to surelock_fx.optimize() directly"
+    )
+
+
+def _convert(hf_model: torch.nn.Module, family: Family, caller: str) -> Model:
+    """``family``'s model on ``hf_model``'s config and tensors (shared): a ConfigError for a config of another
+    family or with values the model cannot run, a CheckpointError naming tensors that do not fit."""
     hf_config = getattr(hf_model, "config", None)
     model_type = getattr(hf_config, "model_type", None)
-    if model_type != "llada":
-        raise ConfigError(
-            f"from_hf_llada expects a LLaDA model (config.model_type 'llada'), got {model_type!r}"
-        )
-    config = LLaDAConfig.from_dict(hf_config.to_dict())
-    model = LLaDAModel(config)
+    if model_type != family.model_type:
+        raise ConfigError(f"{caller} expects a {family.name} model (config.model_type {family.model_type!r}), got "
+                          f"{type(hf_model).__name__} with config.model_type {model_type!r}")
+    try:
+        config = family.config.from_dict(hf_config.to_dict())
+    except ConfigError as err:
+        raise ConfigError(f"{type(hf_model).__name__}.config: {err}") from None
+    with torch.device("meta"):
+        model = family.model(config)
+    expected = dict(model.named_parameters())
+    source = f"the state dict of {type(hf_model).__name__}"
     state = hf_model.state_dict()
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"the model's state dict does not match LLaDA: missing {result.missing_keys[:8]}, "
-            f"unexpected {result.unexpected_keys[:8]}"
-        )
+    unexpected = []
+    for name, tensor in state.items():
+        if name not in expected:
+            unexpected.append(name)
+        elif tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"tensor {name} in {source} has shape {tuple(tensor.shape)}, but its config "
+                                  f"implies {tuple(expected[name].shape)}; the config and the weights do not "
+                                  "belong together")
+        else:
+            _assign(model, name, tensor)
+    _check_complete(source, family, _missing(model), unexpected)
     return model.to(next(iter(state.values())).dtype).eval()

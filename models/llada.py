@@ -11,6 +11,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,94 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# --- validation shared by the model families' configs (LLaDAConfig, dream.DreamConfig) ---
+
+def check_types(config, positive_ints=(), positive_numbers=(), flags=(), token_ids=(), optional_token_ids=()) -> None:
+    """Raise ConfigError naming the first of ``config``'s keys whose value is not of its kind: a positive integer,
+    a positive finite number, true/false, an integer token id (``optional_token_ids``: or null)."""
+    for key in positive_ints:
+        value = getattr(config, key)
+        if not _is_int(value) or value <= 0:
+            raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
+    for key in positive_numbers:
+        value = getattr(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+            raise ConfigError(f"config key {key!r} must be a positive number, got {value!r}")
+    for key in flags:
+        if not isinstance(getattr(config, key), bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {getattr(config, key)!r}")
+    for key in token_ids + optional_token_ids:
+        value = getattr(config, key)
+        if not _is_int(value) and (key in token_ids or value is not None):
+            raise ConfigError(f"config key {key!r} must be an integer token id, got {value!r}; set it to "
+                              f"the {key.removesuffix('_token_id')} token's id in the tokenizer")
+
+
+def check_heads(width: int, heads: int, kv_heads: int, names: tuple[str, str, str]) -> None:
+    """Raise ConfigError unless ``heads`` divide the model ``width`` into even head dimensions and ``kv_heads``
+    divide ``heads``; ``names``: the config keys of the three, for the message."""
+    width_key, heads_key, kv_key = names
+    if width % heads:
+        raise ConfigError(f"{width_key} ({width}) must be divisible by {heads_key} ({heads})")
+    if (width // heads) % 2:
+        raise ConfigError(f"head dimension {width_key}/{heads_key} = {width // heads} must be even for RoPE")
+    if heads % kv_heads:
+        raise ConfigError(f"{heads_key} ({heads}) must be a multiple of {kv_key} ({kv_heads}) "
+                          "for grouped-query attention")
+
+
+def check_token_ids(config, vocab: int) -> None:
+    """Raise ConfigError if the mask, eos or eot id is outside [0, vocab), or eos or eot is the mask id."""
+    for key in ("mask_token_id", "eos_token_id", "eot_token_id"):
+        value = getattr(config, key)
+        if value is not None and not 0 <= value < vocab:
+            raise ConfigError(f"{key} {value} is outside the vocabulary [0, {vocab})")
+    for key in ("eos_token_id", "eot_token_id"):
+        if getattr(config, key) == config.mask_token_id:
+            raise ConfigError(
+                f"mask_token_id and {key} are both {config.mask_token_id}: the sampler could never tell a "
+                f"generated {key.removesuffix('_token_id')} token from a mask; set mask_token_id to the "
+                "mask token's id"
+            )
+
+
+def check_unsupported(raw: dict, unsupported: dict, family: str) -> None:
+    """Raise ConfigError if config.json ``raw`` turns on a computation of ``unsupported`` (key -> the value
+    that turns it off; a missing key is off)."""
+    for key, off in unsupported.items():
+        if raw.get(key, off) != off:
+            raise ConfigError(f"config key {key!r} is {raw[key]!r}: this model implements only {key}={off!r}, "
+                              f"as in {family}'s checkpoints; run this model with its own code instead")
+
+
+def config_from_json(cls, path: str | Path, unchecked_defaults: tuple, reference: str):
+    """``cls.from_dict`` of the config.json at ``path``; a ConfigError names the file. Warns once if it leaves
+    a key of ``unchecked_defaults`` (one no tensor shape can check) unset: ``reference``'s value is used."""
+    path = Path(path)
+    raw = read_json_object(path)
+    unset = tuple(key for key in unchecked_defaults if key not in raw)
+    if unset:
+        defaults = ", ".join(f"{key}={getattr(cls, key)!r}" for key in unset)
+        warn_once((cls.__name__, "unset", unset), f"{path} sets no {', '.join(unset)}: using {reference}'s "
+                                                  f"{defaults}; if this model was trained with other values, "
+                                                  "add them there")
+    try:
+        return cls.from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class LLaDAConfig:
-    """The keys of the official LLaDA ``config.json`` that define the computation."""
+    """The keys of the official LLaDA ``config.json`` that define the computation.
 
+    ``shifted_logits`` (a class constant, not a key): whether position i is predicted by logits row i - 1 (Dream)
+    rather than row i (LLaDA); the model returns raw rows either way, the samplers apply the shift.
+    ``positions_skip_padding`` (also a constant): LLaDA's positions are 0..N-1 with or without padding.
+    """
+
+    shifted_logits: ClassVar[bool] = False
+    positions_skip_padding: ClassVar[bool] = False
     d_model: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -102,20 +187,12 @@ class LLaDAConfig:
         """Raise ConfigError naming the first key whose value this model cannot run, and how to fix it."""
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"unknown model_type {self.model_type!r}: surelock_fx.models loads LLaDA checkpoints "
-                f"(model_type 'llada'); for another transformers model, load it with transformers "
-                f"and pass it to surelock_fx.optimize() directly"
+                f"unknown model_type {self.model_type!r}: LLaDAConfig is for LLaDA checkpoints (model_type "
+                f"'llada'; DreamConfig is for model_type 'Dream'); for another transformers model, load it with "
+                f"transformers and pass it to surelock_fx.optimize() directly"
             )
-        self._validate_types()
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.head_dim % 2:
-            raise ConfigError(f"head dimension d_model/n_heads = {self.head_dim} must be even for RoPE")
-        if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}) "
-                "for grouped-query attention"
-            )
+        check_types(self, POSITIVE_INTS, POSITIVE_NUMBERS, FLAGS, TOKEN_IDS, OPTIONAL_TOKEN_IDS)
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads, ("d_model", "n_heads", "n_kv_heads"))
         if self.embedding_size < self.vocab_size:
             raise ConfigError(
                 f"embedding_size ({self.embedding_size}) must be >= vocab_size ({self.vocab_size})"
@@ -126,46 +203,12 @@ class LLaDAConfig:
             raise ConfigError(f"block_type {self.block_type!r} is not supported; use 'llama'")
         if self.include_bias:
             raise ConfigError("include_bias=true is not supported: LLaDA checkpoints have no biases")
-        self._validate_token_ids()
-
-    def _validate_types(self) -> None:
-        for key in POSITIVE_INTS:
-            value = getattr(self, key)
-            if not _is_int(value) or value <= 0:
-                raise ConfigError(f"config key {key!r} must be a positive integer, got {value!r}")
-        for key in POSITIVE_NUMBERS:
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ConfigError(f"config key {key!r} must be a positive number, got {value!r}")
-        for key in FLAGS:
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"config key {key!r} must be true or false, got {getattr(self, key)!r}")
-        for key in TOKEN_IDS + OPTIONAL_TOKEN_IDS:
-            value = getattr(self, key)
-            if not _is_int(value) and (key in TOKEN_IDS or value is not None):
-                raise ConfigError(f"config key {key!r} must be an integer token id, got {value!r}; set it to "
-                                  f"the {key.removesuffix('_token_id')} token's id in the tokenizer")
-
-    def _validate_token_ids(self) -> None:
-        for key in ("mask_token_id", "eos_token_id", "eot_token_id"):
-            value = getattr(self, key)
-            if value is not None and not 0 <= value < self.embedding_size:
-                raise ConfigError(f"{key} {value} is outside the vocabulary [0, {self.embedding_size})")
-        for key in ("eos_token_id", "eot_token_id"):
-            if getattr(self, key) == self.mask_token_id:
-                raise ConfigError(
-                    f"mask_token_id and {key} are both {self.mask_token_id}: the sampler could never tell a "
-                    f"generated {key.removesuffix('_token_id')} token from a mask; set mask_token_id to the "
-                    "mask token's id"
-                )
+        check_token_ids(self, self.embedding_size)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAConfig":
         """Build from an official config.json dict; unknown keys are ignored, unsupported values rejected."""
-        for key, off in UNSUPPORTED.items():
-            if raw.get(key, off) != off:
-                raise ConfigError(f"config key {key!r} is {raw[key]!r}: this model implements only {key}={off!r}, "
-                                  "as in LLaDA's checkpoints; run this model with its own code instead")
+        check_unsupported(raw, UNSUPPORTED, "LLaDA")
         raw = dict(raw)
         raw.setdefault("model_type", "llada")
         if "max_sequence_length" not in raw and "max_position_embeddings" in raw:
@@ -176,17 +219,7 @@ class LLaDAConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "LLaDAConfig":
         """Read config.json; a ConfigError names the file. Warns once if it leaves a key no shape checks unset."""
-        path = Path(path)
-        raw = read_json_object(path)
-        unset = tuple(key for key in UNCHECKED_DEFAULTS if key not in raw)
-        if unset:
-            defaults = ", ".join(f"{key}={getattr(cls, key)!r}" for key in unset)
-            warn_once(("unset", unset), f"{path} sets no {', '.join(unset)}: using LLaDA-8B's {defaults}; "
-                                        "if this model was trained with other values, add them there")
-        try:
-            return cls.from_dict(raw)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+        return config_from_json(cls, path, UNCHECKED_DEFAULTS, "LLaDA-8B")
 
     def to_dict(self) -> dict:
         """The official config.json keys, plus the fixed flags LLaDA's remote code expects."""
@@ -226,6 +259,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+def rotary_and_key_mask(input_ids, attention_mask, position_ids, head_dim: int, theta: float):
+    """(cos, sin, attn_mask) shared by a model's layers: RoPE at ``position_ids`` (default 0..N-1 in every row)
+    and the key-padding mask [B, 1, 1, N] (True: attend) of ``attention_mask`` [B, N] (1 keep, 0 pad), or None."""
+    B, N = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(N, device=input_ids.device).expand(B, N)
+    cos, sin = rotary_cos_sin(position_ids, head_dim, theta)
+    return cos, sin, None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+def rotary_attention(q, k, v, cos, sin, attn_mask, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Bidirectional attention of projections q [B, N, n_heads * d_h] and k, v [B, N, n_kv_heads * d_h], with RoPE
+    on q and k and grouped-query heads (SDPA's enable_gqa): [B, N, n_heads * d_h], ready for the output projection."""
+    B, N, width = q.shape
+    head_dim = width // n_heads
+    q = q.view(B, N, n_heads, head_dim).transpose(1, 2)
+    k = k.view(B, N, n_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(B, N, n_kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    att = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=n_kv_heads != n_heads)
+    return att.transpose(1, 2).reshape(B, N, width)
+
+
 class LLaDABlock(nn.Module):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
@@ -243,16 +299,10 @@ class LLaDABlock(nn.Module):
 
     def forward(self, x, cos, sin, attn_mask):
         cfg = self.config
-        B, N, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, N, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, N, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(B, N, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        att = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, enable_gqa=cfg.n_kv_heads != cfg.n_heads
-        )
-        x = x + self.attn_out(att.transpose(1, 2).reshape(B, N, cfg.d_model))
+        att = rotary_attention(self.q_proj(h), self.k_proj(h), self.v_proj(h), cos, sin, attn_mask, cfg.n_heads,
+                               cfg.n_kv_heads)
+        x = x + self.attn_out(att)
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -285,11 +335,8 @@ class LLaDAModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         t = self.model.transformer
-        B, N = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(N, device=input_ids.device).expand(B, N)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        cos, sin, attn_mask = rotary_and_key_mask(input_ids, attention_mask, position_ids, self.config.head_dim,
+                                                  self.config.rope_theta)
         x = t.wte(input_ids)
         for block in t.blocks:
             x = block(x, cos, sin, attn_mask)

@@ -63,8 +63,14 @@ class RowLogits:
         rows = self.row[positions]
         if (rows < 0).any():
             raise ValueError("the forward returned no logits for a position the sampler reads (a masked one); "
-                             "a locked runner computes every unlocked position, and masked ones never lock")
+                             "a locked runner returns every unlocked row and every locked row a masked position "
+                             "reads, and masked positions never lock")
         return rows
+
+    def shifted(self) -> "RowLogits":
+        """The logits by the position they predict, for a model whose row i predicts position i + 1 (Dream):
+        position i reads row i - 1, position 0 its own row. A view: no logits are copied."""
+        return RowLogits(self.rows, torch.cat([self.row[:, :1], self.row[:, :-1]], dim=1))
 
     def to_dense(self) -> torch.Tensor:
         """[B, N, V] logits, NaN where no row was computed."""
@@ -97,16 +103,37 @@ def special_ids(config) -> tuple[int, int, int | None]:
     return mask_id, eos, getattr(config, "eot_token_id", None)
 
 
+def predicts_next(config) -> bool:
+    """Whether the model's row i predicts position i + 1 (``config.shifted_logits``: Dream), not position i."""
+    return bool(getattr(config, "shifted_logits", False))
+
+
+def position_ids(config, attention_mask: torch.Tensor | None, shape, device) -> torch.Tensor:
+    """[B, N] positions of a decode: 0..N-1, or for a model whose positions skip left padding
+    (``config.positions_skip_padding``: Dream) and a key mask with padding, the count of real tokens
+    before each one (padding positions 1, as Dream's sampler sets them)."""
+    batch, seq = shape
+    if attention_mask is None or not getattr(config, "positions_skip_padding", False):
+        return torch.arange(seq, device=device).expand(batch, seq)
+    mask = attention_mask.long()
+    return (mask.cumsum(1) - 1).masked_fill(mask == 0, 1)
+
+
 def model_forward(model: torch.nn.Module) -> Forward:
     """A plain model's forward as ``(x, attention_mask) -> logits``; accepts transformers outputs. A transformers
     model declared bidirectional (``config.is_causal = False``) gets its key mask as a 4D bidirectional one,
-    which transformers 4.x needs (it ignores the flag) and 5.x uses as it is (``capture.full_attention_mask``)."""
+    which transformers 4.x needs (it ignores the flag) and 5.x uses as it is (``capture.full_attention_mask``).
+    A model whose positions skip left padding gets them as ``position_ids`` (``position_ids``)."""
     dtype = honoured_full_mask_dtype(model)
+    config = getattr(model, "config", None)
 
     def forward(x, attention_mask):
+        extra = {}
+        if getattr(config, "positions_skip_padding", False):
+            extra["position_ids"] = position_ids(config, attention_mask, x.shape, x.device)
         if dtype is not None:
             attention_mask = full_attention_mask(attention_mask, x.shape, dtype, x.device)
-        out = model(x, attention_mask=attention_mask)
+        out = model(x, attention_mask=attention_mask, **extra)
         return getattr(out, "logits", out)
 
     return forward

@@ -57,7 +57,7 @@ class LockState:
     """
 
     def __init__(self, config: LockConfig | None, first_input: torch.Tensor, mask_id: int,
-                 kl: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 kl: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None, keep_predictions: bool = False):
         B, N = first_input.shape
         device = first_input.device
         self.config = config
@@ -77,6 +77,12 @@ class LockState:
         # computes them again (``hold``). Empty unless a pass skips such rows.
         self.held = self.held_lse = None
         self.held_row = torch.full_like(self.row, -1)
+        # Frozen predictions (``keep_predictions``: a model whose row i predicts position i + 1, Dream): a
+        # locked row's logits from the pass it locked in, while the position it predicts is masked, so
+        # that the sampler still reads that position's prediction; [F, V] and the row of each position [B, N].
+        self.keep_predictions = keep_predictions
+        self.frozen: torch.Tensor | None = None
+        self.frozen_row = torch.full((B, N), -1, dtype=torch.long, device=device)
         # Trace for analysis: the update (step) at which each position locked, its KL then, and (if
         # the config keeps them) its logits from that pass, the last it was computed in.
         self.lock_step = torch.full((B, N), -1, dtype=torch.long, device=device)
@@ -89,8 +95,14 @@ class LockState:
         return torch.cat([rows, torch.zeros_like(rows[:, :1])], dim=1)
 
     def latest(self) -> RowLogits:
-        """The latest pass's logits and the row of each position (-1 for locked positions)."""
-        return RowLogits(self.logits, self.row[:, : self.seq])
+        """The latest pass's logits and the row of each position (-1 for locked positions), and the frozen
+        predictions of locked rows whose next position is masked (``keep_predictions``)."""
+        row = self.row[:, : self.seq]
+        if self.frozen is None:
+            return RowLogits(self.logits, row)
+        frozen = (self.frozen_row >= 0) & (row < 0)
+        return RowLogits(torch.cat([self.logits, self.frozen]),
+                         torch.where(frozen, self.frozen_row + len(self.logits), row))
 
     def release(self, unmasked: torch.Tensor, incoming: int) -> None:
         """Before a pass that returns ``incoming`` rows of logits from an input with ``unmasked`` [B, N]
@@ -167,6 +179,8 @@ class LockState:
                 sure[b, j] = self._sure(logits, rows, kl, lse[rows], b, j, index.shape)
                 locking = sure[b, j]
                 self._trace(b[locking], index[b, j][locking], kl[locking], logits, rows[locking])
+                if self.keep_predictions:
+                    self._freeze(b[locking], index[b, j][locking], logits, rows[locking], unmasked)
             locked = self._with_scratch(self.locked)
             locked.scatter_(1, index, locked.gather(1, index) | sure)
             self.locked = locked[:, : self.seq]
@@ -174,6 +188,21 @@ class LockState:
         self.row = torch.full_like(self.row, -1).scatter_(1, index, rows_of_index)
         self.logits, self._lse = logits, lse
         self.updates += 1
+
+    def _freeze(self, batch_rows, positions, logits: torch.Tensor, rows, unmasked: torch.Tensor) -> None:
+        """Keep the logits ``rows`` of the positions locking now whose next position is masked; drop the
+        frozen ones whose next position is decided (no step reads them again)."""
+        next_masked = torch.cat([~unmasked[:, 1:], torch.zeros_like(unmasked[:, :1])], dim=1)
+        new = next_masked[batch_rows, positions]
+        batch_rows, positions, rows = batch_rows[new], positions[new], rows[new]
+        kept = (self.frozen_row >= 0) & next_masked
+        old = self.frozen_row[kept]
+        frozen = torch.cat(([] if self.frozen is None else [self.frozen.index_select(0, old)])
+                           + [logits.index_select(0, rows)])
+        self.frozen = frozen if len(frozen) else None
+        self.frozen_row = torch.full_like(self.frozen_row, -1)
+        self.frozen_row[kept] = torch.arange(len(old), device=old.device)
+        self.frozen_row[batch_rows, positions] = len(old) + torch.arange(len(rows), device=rows.device)
 
     def _eligible(self, unmasked: torch.Tensor) -> torch.Tensor:
         """[B, N + 1]: the positions the lock rule may lock in a pass with ``unmasked`` [B, N] decided:

@@ -10,6 +10,7 @@ from .backends import Backend, TensorRT, get_backend
 from .capture import capture
 from .decoding import DecodeStats
 from .lock import LockConfig, kl_divergence
+from .models import from_remote_code, is_remote_code
 from .passes.pipeline import LOCK, run_pipeline
 from .runtime import PACK_FROM, LockedForms, LockedRunner, LockSchedule
 from .signature import FlopModel, cache_specs, pack_index
@@ -64,13 +65,18 @@ def optimize(model: torch.nn.Module, backend: str | Backend = "eager", bucket: i
     padded up to a multiple of it (padding rows write to the scratch slot), for backends that compile one
     graph per shape; eager and inductor (dynamic M) need none, and the default 1 computes exactly the
     active rows. The model must take ``input_ids`` and ``position_ids`` and return logits (or an output
-    with ``.logits``); its config must name a ``mask_token_id``.
+    with ``.logits``); its config must name a ``mask_token_id``. The official remote-code LLaDA and Dream models
+    (``AutoModel.from_pretrained(path, trust_remote_code=True)``: ``LLaDAModelLM``, whose forward takes no
+    position_ids, and ``DreamModel``) are first converted to ours (``models.from_remote_code``, sharing their
+    weights); the OptimizedModel's config is then ours.
     """
     backend = get_backend(backend, **options)
     if not isinstance(bucket, int) or bucket < 1:
         raise ValueError(f"bucket must be a positive integer, got {bucket!r}")
     backend.check()  # before the slow capture
     start = time.perf_counter()
+    if is_remote_code(model):
+        model = from_remote_code(model)
     dense = capture(model)
     locked = run_pipeline(dense, LOCK)
     forms = backend.forms(locked)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .decoding import DecodeStats, RowLogits, model_forward, special_ids
+from .decoding import DecodeStats, RowLogits, model_forward, predicts_next, special_ids
 from .lock import LockConfig, LockState
 from .signature import active_index
 
@@ -49,12 +49,14 @@ class ReferenceRunner:
         self.forward = model_forward(model)
         self.lock, self.stats = lock, stats
         self.mask_id = special_ids(model.config)[0]
+        self.keep_predictions = predicts_next(model.config)
         self.state: LockState | None = None
         self.caches: list = []
 
     def __call__(self, x: torch.Tensor, attention_mask, rows: torch.Tensor | None = None) -> RowLogits:
         if self.state is None:
-            self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id)
+            self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id,
+                                                           keep_predictions=self.keep_predictions)
         unmasked = x != self.mask_id
         skipped = self.state.skipped(rows, unmasked)
         with ReplaceLockedKV(self.caches, skipped):

@@ -3,7 +3,8 @@
 A runner is the forward function the sampler calls, ``(x [B, N], attention_mask) -> RowLogits``:
 only the active rows are computed, the lock state is updated from their logits, and those logits are
 returned as they came out of the graph, with the row of each position (-1 for locked positions: the
-sampler never reads them, since a locked position is already unmasked).
+sampler never reads them, since a locked position is already unmasked; for a model whose row i predicts
+position i + 1, a locked row's logits are kept while that position is masked: ``LockState.latest``).
 
 Per step the runner's own work (profiled under the ``surelock::*`` record_function labels) is:
 planning the pass (``plan_pass``: the active index, and which form of the graph runs it), releasing the
@@ -18,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch.profiler import record_function
 
-from .decoding import DecodeStats, RowLogits, special_ids
+from .decoding import DecodeStats, RowLogits, position_ids, predicts_next, special_ids
 from .lock import LockConfig, LockState, kl_divergence
 from .signature import CacheSpec, FlopModel, pack_index, padded_index
 
@@ -107,15 +108,16 @@ class LockedRunner:
                  kl=kl_divergence, pack_from: float = PACK_FROM, schedule: LockSchedule | None = None):
         self.forms, self.specs, self.flops, self.kl = forms, specs, flops, kl
         self.lock, self.stats, self.bucket, self.full_from, self.pack_from = lock, stats, bucket, full_from, pack_from
-        self.schedule = schedule
+        self.schedule, self.config = schedule, config
         self.mask_id = special_ids(config)[0]
         self.state: LockState | None = None
 
-    def _start(self, x: torch.Tensor) -> None:
+    def _start(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         B, N = x.shape
-        self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id, self.kl)
+        self.state = self.stats.lock_state = LockState(self.lock, x, self.mask_id, self.kl,
+                                                       keep_predictions=predicts_next(self.config))
         self.caches = [torch.zeros(B, s.heads, N + 1, s.head_dim, dtype=s.dtype, device=x.device) for s in self.specs]
-        self.positions = torch.arange(N, device=x.device).expand(B, N)
+        self.positions = position_ids(self.config, attention_mask, x.shape, x.device)
         self.stats.flops_dense = self.stats.flops_locked = self.stats.flops_computed = 0
 
     def __call__(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -124,7 +126,7 @@ class LockedRunner:
         policy's choice, ``sampler.generate``'s ``cache``)."""
         B, N = x.shape
         if self.state is None:
-            self._start(x)
+            self._start(x, attention_mask)
         elif self.state.locked.shape != (B, N):
             raise ValueError(f"a runner decodes one batch shape; got {tuple(x.shape)} after "
                              f"{tuple(self.state.locked.shape)}")

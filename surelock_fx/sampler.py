@@ -17,7 +17,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import decoding
-from .decoding import Decodable, DecodeStats, Forward, RowLogits, model_forward, row_chunks, rows_per_chunk, special_ids
+from .decoding import (
+    Decodable,
+    DecodeStats,
+    Forward,
+    RowLogits,
+    model_forward,
+    predicts_next,
+    row_chunks,
+    rows_per_chunk,
+    special_ids,
+)
 from .reference import ReferenceModel
 
 REMASKING = ("low_confidence", "random")
@@ -34,9 +44,9 @@ def vocab_size(config) -> int:
     return getattr(config, "vocab_size")
 
 
-def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_length, temperature,
-                        remasking, cfg_scale, threshold, mask_id, vocab, cache=None):
-    """Reject impossible settings and bad prompts with an error naming the fix."""
+def check_prompt(prompt_ids, attention_mask, *, mask_id: int, vocab: int) -> None:
+    """Reject a prompt that is not [batch, length] token ids of this model, holds the mask token, or does not
+    match its attention mask, with an error naming the fix."""
     if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2:
         raise ValueError("prompt_ids must be a 2-D tensor [batch, prompt_length] of token ids")
     if prompt_ids.dtype not in (torch.int64, torch.int32):
@@ -60,6 +70,12 @@ def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_
             f"attention_mask has shape {tuple(attention_mask.shape)} but prompt_ids has shape "
             f"{tuple(prompt_ids.shape)}; give one mask entry per prompt token"
         )
+
+
+def check_generate_args(prompt_ids, attention_mask, *, gen_length, steps, block_length, temperature,
+                        remasking, cfg_scale, threshold, mask_id, vocab, cache=None):
+    """Reject impossible settings and bad prompts with an error naming the fix."""
+    check_prompt(prompt_ids, attention_mask, mask_id=mask_id, vocab=vocab)
     for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -297,7 +313,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
             step = 0
             while block_runs(x[:, lo:hi] == mask_id, step, steps_per_block, threshold, cache):
                 mask_index = x == mask_id
-                rows = cache_rows(cache, step, x.shape, lo, hi, x.device)
+                rows = cache_rows(cache, step, x.shape, lo, hi, x.device, shift=int(predicts_next(config)))
                 logits = guided_logits(forward, x, attention_mask, prompt_index, cfg_scale, mask_id,
                                        block_masked(mask_index, hi), rows)
                 x0, confidence = step_candidates(logits, x, mask_index, hi, **candidates)
@@ -333,21 +349,31 @@ def block_masked(mask_index: torch.Tensor, block_end: int) -> torch.Tensor:
     return live
 
 
-def cache_rows(cache, step: int, shape, lo: int, hi: int, device=None) -> torch.Tensor | None:
+def cache_rows(cache, step: int, shape, lo: int, hi: int, device=None, shift: int = 0) -> torch.Tensor | None:
     """The positions [B, N] a pass of a cache policy computes at ``step`` of the block [lo, hi): None (every
     position) at the block's first step and without a policy; then from the block's start to the end
-    ("prefix") or the block only ("dual"). The rows left out keep the keys and values of the pass that
-    last computed them."""
+    ("prefix") or the block only ("dual"), starting ``shift`` rows earlier for a model whose row i predicts
+    position i + 1 (the row that predicts the block's first position). The rows left out keep the keys and
+    values of the pass that last computed them."""
     if cache is None or step == 0:
         return None
+    lo = max(lo - shift, 0)
     positions = torch.arange(shape[1], device=device)
     rows = positions >= lo if cache == "prefix" else (positions >= lo) & (positions < hi)
     return rows.expand(shape)
 
 
 def decode_forward(model, lock, stats: DecodeStats, schedule=None, cache=None) -> Forward:
-    """The forward function a decode runs: a Decodable's runner, the dense reference semantics of a cache
-    policy for a plain model, or a plain model's own forward."""
+    """The forward function a decode runs, its logits by the position they predict (``RowLogits.shifted``
+    for a model whose row i predicts position i + 1): a Decodable's runner, the dense reference semantics of
+    a cache policy for a plain model, or a plain model's own forward."""
+    forward = _row_forward(model, lock, stats, schedule, cache)
+    if not predicts_next(model.config):
+        return forward
+    return lambda *args: RowLogits.of(forward(*args)).shifted()
+
+
+def _row_forward(model, lock, stats: DecodeStats, schedule=None, cache=None) -> Forward:
     if isinstance(model, Decodable):
         return model.decode_runner(lock, stats, schedule)
     if lock is not None or schedule is not None:

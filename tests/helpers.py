@@ -220,3 +220,76 @@ def assert_in_place_graph_matches_functional(locked, rewritten, B: int, N: int, 
     for out, cache, want in zip(got[1:], caches, expected[1:], strict=True):
         assert out is cache  # updated in place
         torch.testing.assert_close(cache[:, :, :N], want[:, :, :N], rtol=1e-5, atol=1e-5)
+
+
+# --- Dream (Qwen2 with bidirectional attention, docs/DESIGN.md §3) ---
+
+DREAM_TINY_DEFAULTS = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=101,
+    mask_token_id=100,
+    eos_token_id=99,
+    eot_token_id=98,
+    bos_token_id=97,
+    pad_token_id=99,
+    rope_theta=10000.0,
+    max_position_embeddings=512,
+)
+
+
+def tiny_dream_config(**overrides):
+    """A small Dream config (hidden size 64, 2 layers, 4 heads, 2 KV heads, vocab 101, mask id 100) with overrides."""
+    from surelock_fx.models import DreamConfig
+
+    return DreamConfig(**{**DREAM_TINY_DEFAULTS, **overrides})
+
+
+def tiny_dream(seed: int = 0, **overrides):
+    """A float32 DreamModel on ``tiny_dream_config(**overrides)`` with seeded random weights, in eval mode."""
+    from surelock_fx.models import random_dream
+
+    return random_dream(tiny_dream_config(**overrides), seed)
+
+
+def qwen2_config_for(config):
+    """The Qwen2Config computing the same function as a DreamConfig, with attention made bidirectional."""
+    from transformers import Qwen2Config
+
+    qwen = Qwen2Config(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        attn_implementation="sdpa",
+    )
+    qwen.is_causal = False
+    return qwen
+
+
+def hf_qwen2_from_dream(model):
+    """A bidirectional transformers ``Qwen2ForCausalLM`` (sdpa) holding a DreamModel's weights, in eval mode: the
+    two share their state dict names, which are the official Dream checkpoint's. Each attention module's own
+    ``is_causal`` is cleared as ``hf_llama_from_llada`` does."""
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM(qwen2_config_for(model.config))
+    for layer in hf.model.layers:
+        layer.self_attn.is_causal = False
+    result = hf.load_state_dict(model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    return hf.to(model.lm_head.weight.dtype).eval()
