@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import tasks
+from . import infill, tasks
 from .lock import LockConfig
 from .sampler import generate
 from .text import decode_answer, encode_batch
@@ -107,15 +107,26 @@ class Setting:
 
 
 def evaluate_settings(model, optimized, tokenizer, problems: list[tuple[str, str]], settings: list[Setting], *,
-                      batch_size: int = 64, **decode) -> list[dict]:
+                      batch_size: int = 64, records: list[dict] | None = None, **decode) -> list[dict]:
     """One dense decode of ``problems`` with ``model``, then one decode with ``optimized``
-    (``surelock_fx.optimize(model)``) per Setting; a result row each."""
+    (``surelock_fx.optimize(model)``) per Setting; a result row each. With ``records`` (the problems' task
+    records, carrying the infill fields ``kind``/``function``), each row also holds ``infill.scores`` of the
+    dense decode and of the setting's, their keys suffixed ``_dense`` and ``_locked`` (Gen-PPL by ``model``)."""
     prompts, expected = [p for p, _ in problems], [a for _, a in problems]
+
+    def scores(run: DecodeRun, suffix: str) -> dict:
+        if records is None:
+            return {}
+        got = infill.scores(model, tokenizer, records, run.answers, run.generated, batch_size)
+        return {f"{k}_{suffix}": v for k, v in got.items()}
+
     dense = decode_problems(model, tokenizer, prompts, batch_size=batch_size, desc="dense", **decode)
+    dense_scores = scores(dense, "dense")
     rows = []
     for setting in settings:
         run = decode_problems(optimized, tokenizer, prompts, batch_size=batch_size, lock=setting.lock,
                               cache=setting.cache, desc=setting.label, **decode)
         lock = None if setting.lock is None else dataclasses.asdict(setting.lock)
-        rows.append(dict(cache=setting.cache, lock=lock, n=len(problems), **compare(dense, run, expected)))
+        rows.append(dict(cache=setting.cache, lock=lock, n=len(problems), **compare(dense, run, expected),
+                         **dense_scores, **scores(run, "locked")))
     return rows

@@ -106,8 +106,9 @@ def make_problems(task: str, n: int, seed: int) -> list[tuple[str, str]]:
     return [GENERATORS[task](rng) for _ in range(n)]
 
 
-def load_jsonl_tasks(path: str | Path) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs from a JSON-lines file of ``{"prompt": ..., "answer": ...}`` objects.
+def load_jsonl_tasks(path: str | Path, records: bool = False) -> list[tuple[str, str]] | list[dict]:
+    """(prompt, answer) pairs from a JSON-lines file of ``{"prompt": ..., "answer": ...}`` objects, or with
+    ``records`` the objects themselves (other fields kept: the infill evaluation's ``kind``, ``function``).
 
     Blank lines are skipped; a line that is not such an object raises ValueError naming the line.
     """
@@ -123,7 +124,7 @@ def load_jsonl_tasks(path: str | Path) -> list[tuple[str, str]]:
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
                 or not isinstance(obj.get("answer"), str):
             raise ValueError(f'{path}:{lineno}: expected {{"prompt": str, "answer": str}}, got {line.strip()[:80]}')
-        problems.append((obj["prompt"], obj["answer"]))
+        problems.append(obj if records else (obj["prompt"], obj["answer"]))
     return problems
 
 

@@ -1,19 +1,25 @@
 """The ``surelock`` CLI on a tiny checkpoint with a word-level Hugging Face tokenizer."""
+import json
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from surelock_fx import LockConfig, generate, optimize
-from surelock_fx.cli import main
-from surelock_fx.models import save_model
-from surelock_fx.text import decode_answer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from helpers import tiny_model
+from surelock_fx import LockConfig, generate, infill, optimize, tasks  # noqa: E402
+from surelock_fx.cli import main  # noqa: E402
+from surelock_fx.models import LLaDAConfig, random_llada, save_model  # noqa: E402
+from surelock_fx.text import decode_answer  # noqa: E402
+
+import code_corpus  # noqa: E402
+from helpers import tiny_model  # noqa: E402
 
 SPECIALS = {"<|startoftext|>": 97, "<|eot_id|>": 98, "<|endoftext|>": 99, "<|mdm_mask|>": 100}
 WORDS = ["<unk>", "user", "assistant", ":"] + [f"t{i}" for i in range(93)]  # ids 0..96
@@ -147,3 +153,61 @@ def test_errors_are_one_clean_line(checkpoint, tmp_path, capsys, case):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def code_checkpoint(tmp_path_factory):
+    """A random-weight stand-in for tiny-code: a 1-layer LLaDA with a byte-level BPE tokenizer (``<|hole|>``
+    included) trained on one source file."""
+    path = tmp_path_factory.mktemp("tiny-code")
+    tokenizer = code_corpus.train_tokenizer([Path(code_corpus.__file__).read_text()], vocab_size=400)
+    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
+                         rope_theta=10000.0, max_sequence_length=1024, **tasks.special_token_ids(tokenizer))
+    save_model(random_llada(config, seed=0), path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_eval_infill_prints_and_saves_exact_match_parses_and_gen_ppl(code_checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(code_checkpoint), "--task", "infill", "--n", "3", "--lock-eps", "5e-3",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["task"] == "infill" and row["n"] == 3 and row["decode"] == infill.DEFAULT_DECODE
+    for run in ("dense", "locked"):
+        assert set(row[f"exact_match_{run}"]) == {"line", "lines", "body"}, "the first 3 records: one per kind"
+        assert row[f"parse_rate_{run}"] in (0.0, 1.0)  # one body record
+        assert 1 < row[f"gen_ppl_{run}"] < float("inf")
+    head, line = printed.splitlines()[-3:-1]  # the infill table, then "wrote ..."
+    assert "Gen-PPL d/l" in head and "parses d/l" in head and "exact body d/l" in head
+    assert line.split()[:3] == ["infill", "5e-03", "-"]
+    assert line.split()[-1] == f"{row['gen_ppl_dense']:.2f}/{row['gen_ppl_locked']:.2f}"
+
+
+def test_eval_scores_infill_records_only_and_decodes_each_task_at_its_defaults(code_checkpoint, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("\n".join(json.dumps(r) for r in [
+        dict(prompt=f"def f(x):\n{infill.HOLE}\n", answer="    return x", kind="body", function="def f(x):\n"),
+        dict(prompt=f"a = 1\n{infill.HOLE}", answer="b = 2", kind="line")]))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(code_checkpoint), "--task", "infill", "--task", "add", "--task", str(mine),
+                 "--n", "2", "--lock-eps", "1.0", "--json", str(out)]) == 0
+    rows = {r["task"]: r for r in json.loads(out.read_text())}
+    assert rows["infill"]["decode"] == rows["mine"]["decode"] == infill.DEFAULT_DECODE
+    assert rows["add"]["decode"] == tasks.DEFAULT_DECODE
+    assert "gen_ppl_dense" not in rows["add"] and "exact_match_locked" not in rows["add"]
+    assert set(rows["mine"]["exact_match_dense"]) == {"body", "line"} and rows["mine"]["gen_ppl_locked"] > 1
+
+
+def test_eval_of_infill_alone_defaults_to_the_shipped_tiny_code(code_checkpoint, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(infill, "default_model_dir", lambda: code_checkpoint)
+    monkeypatch.setattr(tasks, "default_model_dir", lambda: tmp_path)  # no tiny-tasks there
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--task", "infill", "--n", "1", "--gen-length", "8", "--block-length", "4",
+                 "--json", str(out)]) == 0
+    assert "Gen-PPL" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())
+    assert row["decode"] == {**infill.DEFAULT_DECODE, "gen_length": 8, "block_length": 4}
+    assert main(["eval", "--task", "infill", "--task", "add", "--n", "1"]) == 2
+    assert f"shipped model is missing from {tmp_path}" in capsys.readouterr().err

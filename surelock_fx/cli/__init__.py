@@ -20,7 +20,7 @@ EXIT_ERROR = 2
 
 # (name, help, add_arguments(parser), run(args) -> exit code)
 SUBCOMMANDS = [
-    ("generate", "decode an answer to one prompt with a LLaDA checkpoint", generate.add_generate_arguments,
+    ("generate", "decode an answer to one prompt with a LLaDA or Dream checkpoint", generate.add_generate_arguments,
      generate.run_generate),
     ("eval", "decode fresh problems dense, locked and with cache policies; compare accuracy, FLOPs and speed",
      evaluate.add_eval_arguments, evaluate.run_eval),

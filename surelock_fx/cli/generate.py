@@ -1,4 +1,4 @@
-"""``surelock generate``: decode an answer to one prompt with a LLaDA checkpoint."""
+"""``surelock generate``: decode an answer to one prompt with a LLaDA or Dream checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,14 @@ import sys
 
 import torch
 
+from ..dream import ALGS, diffusion_generate
 from ..models import load_config, load_model
 from ..sampler import REMASKING, generate
 from ..text import decode_answer, encode_prompt, load_tokenizer
 from .options import (
     CACHE_HELP,
     DTYPES,
+    CLIError,
     add_lock_arguments,
     add_model_arguments,
     lock_config,
@@ -36,6 +38,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fast-dLLM confidence threshold: dynamic steps (default: off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--cache", choices=("prefix", "dual"), default=None, help=CACHE_HELP + " (default: none)")
+    parser.add_argument("--alg", choices=ALGS, default=None,
+                        help="decode with Dream's sampler (diffusion_generate) and this unmasking order instead of "
+                             "LLaDA's; --gen-length is then max_new_tokens (default: LLaDA's sampler)")
+    parser.add_argument("--alg-temp", type=float, default=None, help="with --alg: draw positions by confidence")
+    parser.add_argument("--top-p", type=float, default=None, help="with --alg: nucleus filtering")
+    parser.add_argument("--top-k", type=int, default=None, help="with --alg: top-k filtering")
     add_lock_arguments(parser, several=False)
 
 
@@ -54,9 +62,18 @@ def run_generate(args: argparse.Namespace) -> int:
     lock = None if args.lock_eps is None else lock_config(args, args.lock_eps)
     if lock is not None or args.cache is not None or args.backend is not None:
         model = optimize_with_backend(model, args)
-    out = generate(model, prompt_ids, lock=lock, cache=args.cache, gen_length=args.gen_length, steps=args.steps,
-                   block_length=args.block_length, temperature=args.temperature, remasking=args.remasking,
-                   cfg_scale=args.cfg_scale, threshold=args.threshold, generator=generator, progress=True)
+    if args.alg is not None:
+        if args.cache is not None or args.threshold is not None or args.cfg_scale:
+            raise CLIError("--alg (Dream's sampler) takes no --cache, --threshold or --cfg-scale: those are "
+                           "options of LLaDA's sampler; drop --alg to use them")
+        out = diffusion_generate(model, prompt_ids, max_new_tokens=args.gen_length, steps=args.steps, alg=args.alg,
+                                 alg_temp=args.alg_temp, temperature=args.temperature, top_p=args.top_p,
+                                 top_k=args.top_k, lock=lock, generator=generator, progress=True)
+    else:
+        out = generate(model, prompt_ids, lock=lock, cache=args.cache, gen_length=args.gen_length,
+                       steps=args.steps, block_length=args.block_length, temperature=args.temperature,
+                       remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold,
+                       generator=generator, progress=True)
     generated = out.tokens[0, prompt_ids.shape[1]:].tolist()
     print(decode_answer(tokenizer, generated, (config.eos_token_id, config.eot_token_id)))
     if lock is not None or args.cache is not None:
