@@ -23,8 +23,8 @@ from surelock_fx.infill import MAX_ANSWER_CHARS, assets_dir, infill_prompt
 EXCLUDED = {"test", "idlelib", "lib2to3", "pydoc_data", "encodings", "turtledemo", "ensurepip", "site-packages",
             "__pycache__", "__phello__"}
 HELD_OUT_SHARE = 10  # one top-level name in ten (by hash) is held out
-PREFIX_CHARS = 320  # context before the span, cut at a line start
-SUFFIX_CHARS = 160  # context after the span, cut at a line end
+PREFIX_CHARS = 256  # context before the span, cut at a line start
+SUFFIX_CHARS = 128  # context after the span, cut at a line end
 KINDS = ("line", "lines", "body")
 HELD_OUT_FILE = assets_dir() / "infill" / "heldout_modules.txt"
 

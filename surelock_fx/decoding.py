@@ -27,6 +27,9 @@ class DecodeStats:
     flops_computed: float | None = None  # what the locked graph computed, padding included
     unmask_step: torch.Tensor | None = None  # [B, N]: step that committed each position, -1 for the prompt
     lock_state: object | None = None  # a locked runner's LockState (lock_step, lock_kl, locked_logits)
+    # [B, N] float: the sampler's probability of each token it committed, at the step it committed it
+    # (remasking "low_confidence"; NaN where not committed by the sampler, everywhere under "random")
+    commit_confidence: torch.Tensor | None = None
 
     @property
     def flops_ratio(self) -> float | None:

@@ -26,8 +26,8 @@ from .decoding import model_forward, predicts_next
 from .text import encode_batch
 
 HOLE = "<|hole|>"
-MAX_ANSWER_CHARS = 96  # the longest span the evaluation cuts out (and training asks for)
-GEN_LENGTH = 40  # answer region in tokens: the longest span and its EOS
+MAX_ANSWER_CHARS = 48  # the longest span the evaluation cuts out (and training asks for)
+GEN_LENGTH = 24  # answer region in tokens: the longest span and its EOS
 DEFAULT_DECODE = dict(gen_length=GEN_LENGTH, steps=GEN_LENGTH, block_length=GEN_LENGTH, temperature=0.0,
                       remasking="low_confidence")
 

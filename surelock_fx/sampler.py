@@ -298,6 +298,7 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
         )
     prompt_index = x != mask_id
     stats.unmask_step = torch.full_like(x, -1)
+    stats.commit_confidence = torch.full(x.shape, float("nan"), device=device)
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     candidates = dict(mask_id=mask_id, temperature=temperature, remasking=remasking, eos=eos, eot=eot,
@@ -324,6 +325,8 @@ def generate(model, prompt_ids, *, gen_length, steps, block_length, temperature=
                     transfer = select_topk(confidence, transfers[:, step])
                 x = torch.where(transfer, x0, x)
                 stats.unmask_step[transfer] = stats.steps
+                if remasking == "low_confidence":  # else the confidence is a random draw
+                    stats.commit_confidence[transfer] = confidence[transfer]
                 step += 1
                 stats.steps += 1
                 bar.update(int(transfer.sum(1).max()) if threshold else 1)

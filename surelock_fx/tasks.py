@@ -49,9 +49,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def default_model_dir() -> Path:
-    """The trained tiny LLaDA shipped with the package (config.json, model.safetensors, tokenizer)."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-tasks"
+def default_model_dir(family: str = "llada") -> Path:
+    """The trained tiny model of the tasks shipped with the package (config.json, model.safetensors,
+    tokenizer): our LLaDA (tiny-tasks), or with ``family="dream"`` a Dream (tiny-dream)."""
+    return Path(__file__).resolve().parent / "assets" / ("tiny-dream" if family == "dream" else "tiny-tasks")
 
 
 # ----------------------------------------------------------------------------------------------

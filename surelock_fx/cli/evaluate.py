@@ -12,10 +12,12 @@ from ..text import load_tokenizer
 from .options import (
     CACHE_HELP,
     DTYPES,
+    SHIPPED_MODELS,
     CLIError,
     add_lock_arguments,
     add_model_arguments,
     lock_config,
+    model_path,
     optimize_with_backend,
     resolve_device,
 )
@@ -145,12 +147,20 @@ def default_checkpoint(code: bool = False) -> Path:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``surelock demo``."""
+    parser.add_argument("--model", type=model_path, default=None,
+                        help=f"a checkpoint directory or a shipped model ({', '.join(SHIPPED_MODELS)}; default "
+                             "tiny-tasks); tiny-code runs the infilling task, any other every built-in task")
     parser.add_argument("--n", type=int, default=16, help="problems per task (default: 16)")
     parser.add_argument("--seed", type=int, default=1234)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The main job on the shipped model: every task, dense vs locked with the default LockConfig."""
+    """The main job on a shipped model: its tasks, dense vs locked with the default LockConfig."""
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    return run_eval(parser.parse_args(["--n", str(args.n), "--seed", str(args.seed)]))
+    argv = ["--n", str(args.n), "--seed", str(args.seed)]
+    if args.model is not None:
+        argv += ["--model", str(args.model)]
+        if args.model.resolve() == SHIPPED_MODELS["tiny-code"].resolve():
+            argv += ["--task", INFILL]
+    return run_eval(parser.parse_args(argv))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .. import infill, tasks
 from ..backends import BACKEND_NAMES
 from ..lock import LockConfig
 from ..optimize import optimize
@@ -17,11 +18,23 @@ class CLIError(ValueError):
     """A problem with the command's inputs that is not the checkpoint's or the sampler's."""
 
 
+# the trained tiny models shipped with the package, by the name --model takes for them
+SHIPPED_MODELS = {"tiny-tasks": tasks.default_model_dir(), "tiny-dream": tasks.default_model_dir("dream"),
+                  "tiny-code": infill.default_model_dir()}
+
+
+def model_path(value: str) -> Path:
+    """--model's value: a checkpoint directory, or the name of a shipped model (``SHIPPED_MODELS``)."""
+    path = Path(value)
+    return SHIPPED_MODELS[value] if value in SHIPPED_MODELS and not path.is_dir() else path
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--model, --dtype, --device: where the checkpoint is and how to hold it."""
-    parser.add_argument("--model", required=required, type=Path, default=None,
-                        help="checkpoint directory (config.json, safetensors weights, tokenizer)"
-                        + ("" if required else "; default: the shipped tiny-tasks model"))
+    parser.add_argument("--model", required=required, type=model_path, default=None,
+                        help="checkpoint directory (config.json, safetensors weights, tokenizer), or a shipped "
+                             f"model: {', '.join(SHIPPED_MODELS)}"
+                        + ("" if required else "; default: tiny-tasks (tiny-code for --task infill)"))
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype to load the weights in (default: float32)")
     parser.add_argument("--device", default=None,
