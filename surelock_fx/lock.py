@@ -189,6 +189,15 @@ class LockState:
         self.logits, self._lse = logits, lse
         self.updates += 1
 
+    def schedule(self, locked: torch.Tensor, unmasked: torch.Tensor) -> None:
+        """Take a ``runtime.LockSchedule``'s lock mask; with ``keep_predictions``, the rows it newly skips keep
+        their latest logits while their next position is masked, as rows locked by the rule do."""
+        if self.keep_predictions and self.logits is not None:
+            new = locked & ~self.locked & (self.row[:, : self.seq] >= 0)
+            b, j = new.nonzero(as_tuple=True)
+            self._freeze(b, j, self.logits, self.row[b, j], unmasked)
+        self.locked = locked
+
     def _freeze(self, batch_rows, positions, logits: torch.Tensor, rows, unmasked: torch.Tensor) -> None:
         """Keep the logits ``rows`` of the positions locking now whose next position is masked; drop the
         frozen ones whose next position is decided (no step reads them again)."""

@@ -133,7 +133,7 @@ class LockedRunner:
         if self.schedule is not None:
             scheduled = self.schedule(self.stats.forward_passes, x)
             if self.stats.forward_passes:
-                self.state.locked = scheduled
+                self.state.schedule(scheduled, x != self.mask_id)
         key_mask = (torch.ones(B, N, dtype=torch.bool, device=x.device) if attention_mask is None
                     else attention_mask.bool())
         unmasked = x != self.mask_id
