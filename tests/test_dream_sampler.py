@@ -20,7 +20,7 @@ from dream_reference import ALGS, attention_inputs, dream_generate, sample_token
 from helpers import tiny_config, tiny_dream_config
 
 MASK, PAD, VOCAB = 100, 99, 101
-FAMILIES = ["llada"] + (["dream"] if hasattr(model_families, "random_dream") else [])
+FAMILIES = ["dream"]  # the family whose rules these are (LLaDA with the flags set ran them too, in review)
 needs_api = pytest.mark.skipif(not hasattr(surelock_fx, "diffusion_generate"),
                                reason="surelock_fx.diffusion_generate is not there yet")
 
