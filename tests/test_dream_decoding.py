@@ -240,9 +240,18 @@ def test_a_schedule_that_skips_the_prompt_decodes_dream(optimized):
         locked[:, :P] = step >= 1
         return locked
 
-    out = surelock_fx.generate(optimized, prompts(2, P, seed=5), gen_length=8, steps=8, block_length=8,
+    recorded = Recording(optimized)
+    out = surelock_fx.generate(recorded, prompts(2, P, seed=11), gen_length=8, steps=8, block_length=8,
                                lock=LockConfig(), schedule=schedule)
     assert not (out.tokens == MASK).any()
+    first = recorded.passes[0][1]
+    read = 0
+    for x, logits in recorded.passes[1:]:
+        for b in range(2):
+            if x[b, P] == MASK:  # read from the prompt's last row, as it was when the schedule first skipped it
+                assert torch.equal(logits[b, P - 1], first[b, P - 1])
+                read += 1
+    assert read, "the first generated position was decided at the first pass"
 
 
 def lock_state_case(keep_predictions: bool):
