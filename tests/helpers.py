@@ -113,9 +113,10 @@ def tiny_model(seed: int = 0, **overrides) -> LLaDAModel:
     return randomize_(LLaDAModel(tiny_config(**overrides)), seed)
 
 
-def llama_config_for(config: LLaDAConfig) -> LlamaConfig:
-    """The LlamaConfig computing the same function as a LLaDA config, with attention made bidirectional."""
-    llama = LlamaConfig(
+def bidirectional_hf_config(config_class, config, **extra):
+    """The transformers config of ``config_class`` computing the same function as our LLaDA or Dream config (both
+    answer to LLaDAConfig's names), with attention made bidirectional; ``extra``: the family's own keys."""
+    hf = config_class(
         vocab_size=config.embedding_size,
         hidden_size=config.d_model,
         intermediate_size=config.mlp_hidden_size,
@@ -126,16 +127,31 @@ def llama_config_for(config: LLaDAConfig) -> LlamaConfig:
         max_position_embeddings=config.max_sequence_length,
         rms_norm_eps=config.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        attention_bias=False,
-        mlp_bias=False,
         tie_word_embeddings=config.weight_tying,
         pad_token_id=config.pad_token_id,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
         attn_implementation="sdpa",
+        **extra,
     )
-    llama.is_causal = False
-    return llama
+    hf.is_causal = False
+    return hf
+
+
+def llama_config_for(config: LLaDAConfig) -> LlamaConfig:
+    """The LlamaConfig computing the same function as a LLaDA config, with attention made bidirectional."""
+    return bidirectional_hf_config(LlamaConfig, config, attention_bias=False, mlp_bias=False)
+
+
+def bidirectional_hf_model(model_class, hf_config, state_dict, dtype):
+    """``model_class(hf_config)`` holding ``state_dict``, in ``dtype`` and eval mode, every attention module's own
+    ``is_causal`` flag (which sdpa falls back to when the mask is skipped, in some transformers versions) cleared."""
+    hf = model_class(hf_config)
+    for layer in hf.model.layers:
+        layer.self_attn.is_causal = False
+    result = hf.load_state_dict(state_dict, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    return hf.to(dtype).eval()
 
 
 def llama_state_dict(model: LLaDAModel) -> dict[str, torch.Tensor]:
@@ -164,12 +180,8 @@ def hf_llama_from_llada(model: LLaDAModel) -> LlamaForCausalLM:
     falls back to when the mask is skipped, in some transformers versions) is cleared as well.
     ``tests/test_model.py`` checks the result really is bidirectional.
     """
-    hf = LlamaForCausalLM(llama_config_for(model.config))
-    for layer in hf.model.layers:
-        layer.self_attn.is_causal = False
-    result = hf.load_state_dict(llama_state_dict(model), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return hf.to(model.lm_head_weight.dtype).eval()
+    return bidirectional_hf_model(LlamaForCausalLM, llama_config_for(model.config), llama_state_dict(model),
+                                  model.lm_head_weight.dtype)
 
 
 def save_task_checkpoint(path):
@@ -259,26 +271,7 @@ def qwen2_config_for(config):
     """The Qwen2Config computing the same function as a DreamConfig, with attention made bidirectional."""
     from transformers import Qwen2Config
 
-    qwen = Qwen2Config(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        hidden_act="silu",
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        use_sliding_window=False,
-        tie_word_embeddings=False,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        attn_implementation="sdpa",
-    )
-    qwen.is_causal = False
-    return qwen
+    return bidirectional_hf_config(Qwen2Config, config, use_sliding_window=False)
 
 
 def hf_qwen2_from_dream(model):
@@ -287,9 +280,5 @@ def hf_qwen2_from_dream(model):
     ``is_causal`` is cleared as ``hf_llama_from_llada`` does."""
     from transformers import Qwen2ForCausalLM
 
-    hf = Qwen2ForCausalLM(qwen2_config_for(model.config))
-    for layer in hf.model.layers:
-        layer.self_attn.is_causal = False
-    result = hf.load_state_dict(model.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return hf.to(model.lm_head.weight.dtype).eval()
+    return bidirectional_hf_model(Qwen2ForCausalLM, qwen2_config_for(model.config), model.state_dict(),
+                                  model.lm_head.weight.dtype)
