@@ -184,6 +184,24 @@ def hf_llama_from_llada(model: LLaDAModel) -> LlamaForCausalLM:
                                   model.lm_head_weight.dtype)
 
 
+def save_code_checkpoint(path):
+    """Save a random-weight stand-in for tiny-code into ``path``: a 1-layer LLaDA with a byte-level BPE tokenizer
+    (``<|hole|>`` included) trained on one source file. Needs ``benchmarks/`` on sys.path (``code_corpus``)."""
+    from pathlib import Path
+
+    from surelock_fx.models import random_llada, save_model
+    from surelock_fx.tasks import special_token_ids
+
+    import code_corpus
+
+    tokenizer = code_corpus.train_tokenizer([Path(code_corpus.__file__).read_text()], vocab_size=400)
+    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
+                         rope_theta=10000.0, max_sequence_length=1024, **special_token_ids(tokenizer))
+    save_model(random_llada(config, seed=0), path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def save_task_checkpoint(path):
     """A random 1-layer LLaDA with the synthetic tasks' tokenizer, saved as a checkpoint directory."""
     from surelock_fx import tasks

@@ -15,11 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from surelock_fx import LockConfig, generate, infill, optimize, tasks  # noqa: E402
 from surelock_fx.cli import main  # noqa: E402
-from surelock_fx.models import LLaDAConfig, random_llada, save_model  # noqa: E402
+from surelock_fx.models import save_model  # noqa: E402
 from surelock_fx.text import decode_answer  # noqa: E402
 
-import code_corpus  # noqa: E402
-from helpers import tiny_model  # noqa: E402
+from helpers import save_code_checkpoint, tiny_model  # noqa: E402
 
 SPECIALS = {"<|startoftext|>": 97, "<|eot_id|>": 98, "<|endoftext|>": 99, "<|mdm_mask|>": 100}
 WORDS = ["<unk>", "user", "assistant", ":"] + [f"t{i}" for i in range(93)]  # ids 0..96
@@ -157,15 +156,8 @@ def test_errors_are_one_clean_line(checkpoint, tmp_path, capsys, case):
 
 @pytest.fixture(scope="module")
 def code_checkpoint(tmp_path_factory):
-    """A random-weight stand-in for tiny-code: a 1-layer LLaDA with a byte-level BPE tokenizer (``<|hole|>``
-    included) trained on one source file."""
-    path = tmp_path_factory.mktemp("tiny-code")
-    tokenizer = code_corpus.train_tokenizer([Path(code_corpus.__file__).read_text()], vocab_size=400)
-    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
-                         rope_theta=10000.0, max_sequence_length=1024, **tasks.special_token_ids(tokenizer))
-    save_model(random_llada(config, seed=0), path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A random-weight stand-in for tiny-code (``helpers.save_code_checkpoint``)."""
+    return save_code_checkpoint(tmp_path_factory.mktemp("tiny-code"))
 
 
 def test_eval_infill_prints_and_saves_exact_match_parses_and_gen_ppl(code_checkpoint, tmp_path, capsys):

@@ -11,25 +11,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import infill_sweep  # noqa: E402
 
-from surelock_fx import generate, infill, tasks  # noqa: E402
-from surelock_fx.models import LLaDAConfig, load_model, random_llada, save_model  # noqa: E402
+from surelock_fx import generate, infill  # noqa: E402
+from surelock_fx.models import load_model  # noqa: E402
 from surelock_fx.text import encode_batch, load_tokenizer  # noqa: E402
 
-import code_corpus  # noqa: E402
+from helpers import save_code_checkpoint  # noqa: E402
 
 N = 3
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A 1-layer random LLaDA with a byte-level BPE tokenizer (``<|hole|>`` included), as test_cli's stand-in."""
-    path = tmp_path_factory.mktemp("tiny-code")
-    tokenizer = code_corpus.train_tokenizer([Path(code_corpus.__file__).read_text()], vocab_size=400)
-    config = LLaDAConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=48, vocab_size=len(tokenizer),
-                         rope_theta=10000.0, max_sequence_length=1024, **tasks.special_token_ids(tokenizer))
-    save_model(random_llada(config, seed=0), path)
-    tokenizer.save_pretrained(path)
-    return path
+    """A random-weight stand-in for tiny-code (``helpers.save_code_checkpoint``)."""
+    return save_code_checkpoint(tmp_path_factory.mktemp("tiny-code"))
 
 
 @pytest.fixture(scope="module")
