@@ -7,13 +7,20 @@ the name: ``hashed_held_out``). An infill example cuts one span out of a file: a
 (``line``), two to four consecutive lines (``lines``) or the whole body of a short function (``body``);
 its prompt is the text before the span, ``<|hole|>``, and the text after it
 (``surelock_fx.infill.infill_prompt``), its answer the span.
+
+Only inferable spans are cut (``inferable``): every name in the answer is a keyword, a builtin or a name
+the prompt mentions. A span that introduces a name its context never shows can only be recalled from the
+module's source, which a held-out module's never was, so exact match on it measures memory, not infilling.
 """
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
+import keyword
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,8 @@ PREFIX_CHARS = 256  # context before the span, cut at a line start
 SUFFIX_CHARS = 128  # context after the span, cut at a line end
 KINDS = ("line", "lines", "body")
 HELD_OUT_FILE = assets_dir() / "infill" / "heldout_modules.txt"
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+KNOWN_NAMES = frozenset(keyword.kwlist + keyword.softkwlist + dir(builtins) + ["self", "cls"])
 
 
 def stdlib_root() -> Path:
@@ -48,14 +57,18 @@ def held_out_names() -> set[str]:
     return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
 
 
+def source_paths(root: Path) -> list[Path]:
+    """Every ``.py`` file under ``root`` outside ``EXCLUDED``, relative to ``root``, sorted."""
+    relative = (path.relative_to(root) for path in sorted(root.rglob("*.py")))
+    return [rel for rel in relative if not EXCLUDED & set(rel.parts) and not rel.parts[0].startswith("config-")]
+
+
 def source_files(root: Path | None = None) -> dict[str, str]:
-    """Relative path -> source text of every stdlib ``.py`` file outside ``EXCLUDED`` that parses."""
+    """Relative path -> source text of every stdlib ``.py`` file of ``source_paths`` that parses."""
     root = root or stdlib_root()
     files = {}
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if EXCLUDED & set(rel.parts) or rel.parts[0].startswith("config-"):
-            continue
+    for rel in source_paths(root):
+        path = root / rel
         try:
             text = path.read_text(encoding="utf-8")
             ast.parse(text)
@@ -152,12 +165,19 @@ class FileSpans:
         return "".join("\n" + line for line in self.lines[end:hi])
 
 
+def inferable(example: Infill) -> bool:
+    """Whether every name in the answer (strings and comments included) is known without the module's
+    source: a keyword, a builtin, ``self``/``cls``, or a name in the prompt."""
+    context = set(NAME.findall(example.prefix + example.suffix))
+    return all(name in context or name in KNOWN_NAMES for name in NAME.findall(example.answer))
+
+
 def _is_docstring(stmt: ast.stmt) -> bool:
     return isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)
 
 
 class InfillSampler:
-    """Random infill examples from a set of files, a file drawn in proportion to its size."""
+    """Random inferable infill examples from a set of files, a file drawn in proportion to its size."""
 
     def __init__(self, files: dict[str, str], seed: int):
         self.rng = random.Random(f"infill:{seed}")
@@ -169,7 +189,7 @@ class InfillSampler:
         while True:
             (spans,) = self.rng.choices(self.spans, self.weights)
             example = spans.sample(kind, self.rng)
-            if example is not None:
+            if example is not None and inferable(example):
                 return example
 
 

@@ -8,7 +8,7 @@ Decodes the first --n records of the held-out infill evaluation (``surelock_fx/a
 kinds interleaved, so any prefix is balanced) densely, once per decode setting, and with every setting of
 the grid (``grid``) through the locked graph:
 
-- at ``infill.DEFAULT_DECODE`` (gen 40, steps 40, one block): locking never (the locked graph, nothing
+- at ``infill.DEFAULT_DECODE`` (gen 24, steps 24, one block): locking never (the locked graph, nothing
   locked), ``kl_threshold`` in ``EPSILONS`` and the confidence gate 0.2 at 5e-3 and 5e-2;
 - at block_length 8 (5 blocks, same gen and steps; its own dense decode): cache "prefix" and "dual", each
   alone and with locking at 5e-3 and 5e-2, and Fast-dLLM threshold decoding 0.9 alone, with "dual", and

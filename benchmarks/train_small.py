@@ -303,7 +303,8 @@ def training_card(log: dict) -> str:
   {counts['train_files']} training files, {counts['held_out_files']} held-out files (whole top-level modules,
   `surelock_fx/assets/infill/heldout_modules.txt`); a byte-level BPE tokenizer (`tokenizers`) trained on the
   training files, {log['config']['vocab_size']} tokens with `<|hole|>`; prompts `prefix<|hole|>suffix`, answers
-  the span cut out, of kinds {', '.join(log['tasks'])} (one line, 2-4 lines, a short function's body);
+  the span cut out, of kinds {', '.join(log['tasks'])} (one line, 2-4 lines, a short function's body), inferable
+  spans only (every name in the answer a keyword, a builtin or a name of the prompt: `code_corpus.inferable`);
   {counts['batch_size']} spans per step, a {args.get('pretrain_frac', 0):g} share of them pre-training rows
   (prompt masked and learnt too); answer region {log['decode']['gen_length']} tokens"""
         fresh = f"spans of held-out modules (seed {EVAL_SEED})"

@@ -20,8 +20,8 @@ LIMIT = {i}
 
 def add_{i}(x, y=1):
     """Add y to x."""
-    z = x + y * {i}
-    return z
+    x = x + y * {i}
+    return x
 
 
 def scale_{i}(values):
@@ -38,7 +38,7 @@ class Box{i}:
         return self.size
 
     async def fetch(self):
-        return await os.fspath(self.size)
+        return await self.grow(self.size)
 '''
 HELD_OUT = ("enum.py", "email/__init__.py", "email/utils.py")  # top-level names in heldout_modules.txt
 TRAIN = ("alpha.py", "beta/__init__.py", "beta/gamma.py", "delta/sub/deep.py")
@@ -84,14 +84,13 @@ def test_split_is_disjoint_by_top_level_name_and_follows_the_held_out_list(files
 
 
 def test_the_hashed_rule_reproduces_the_held_out_list_on_the_real_stdlib():
-    files = code_corpus.source_files()
-    names = {code_corpus.top_level_name(Path(f)) for f in files}
+    paths = code_corpus.source_paths(code_corpus.stdlib_root())  # not read: the split needs names only
+    names = {code_corpus.top_level_name(p) for p in paths}
     listed = code_corpus.held_out_names()
     assert {n for n in names if code_corpus.hashed_held_out(n)} == listed & names
     assert len(listed & names) >= 10, "most listed modules exist in this Python's stdlib"
-    train, held_out = code_corpus.split(files)
-    assert not set(train) & set(held_out) and len(train) + len(held_out) == len(files)
-    assert len(held_out) > 0.05 * len(files)
+    held_out = [p for p in paths if code_corpus.top_level_name(p) in listed]
+    assert 0.05 * len(paths) < len(held_out) < 0.5 * len(paths)
 
 
 def test_every_span_is_a_contiguous_run_of_whole_lines_of_its_file(files):
@@ -132,8 +131,26 @@ def test_a_body_answer_is_the_whole_body_of_its_function(files):
         indent = len(example.answer) - len(example.answer.lstrip(" "))
         assert not after or not after[0].strip() or len(after[0]) - len(after[0].lstrip(" ")) < indent
         bodies.add(example.answer)
-    assert any(b.startswith("    z = x + y * ") for b in bodies), "a docstring stays in the prompt"
-    assert "        return await os.fspath(self.size)" in bodies, "async functions and methods count"
+    assert any(b.startswith("    x = x + y * ") for b in bodies), "a docstring stays in the prompt"
+    assert "        return await self.grow(self.size)" in bodies, "async functions and methods count"
+
+
+def test_only_spans_whose_names_the_prompt_shows_are_cut(files):
+    examples = samples(files)
+    assert all(code_corpus.inferable(example) for example in examples)
+    # `v` is named only inside this body: no prompt shows it
+    assert "    return [v * LIMIT for v in values]" not in {e.answer for e in examples if e.kind == "body"}
+    assert "        self.size = size" in {e.answer for e in examples}, "names of the prompt and `self` are known"
+
+
+def test_inferable_ignores_keywords_and_builtins_but_not_unseen_names():
+    def span(answer, prefix="def f(a):\n", suffix=""):
+        return code_corpus.Infill(prefix, answer, suffix, "line", "m.py")
+
+    assert code_corpus.inferable(span("    return len(a) if a is not None else self"))
+    assert code_corpus.inferable(span("    return b", suffix="\nb = 1"))
+    assert not code_corpus.inferable(span("    return b"))
+    assert not code_corpus.inferable(span("    return 'b'")), "names in strings count too"
 
 
 def test_records_hold_the_prompt_with_one_hole(files):
