@@ -9,7 +9,7 @@ from surelock_fx.reference import ReferenceModel
 from surelock_fx.runtime import LockedForms, runs_packed
 from surelock_fx.signature import active_index
 
-from helpers import captured, hf_llama_from_llada, locked_inputs, prompts, tiny_model
+from helpers import hf_llama_from_llada, locked_inputs, prompts, tiny_model
 
 MASK = 100
 
@@ -284,12 +284,18 @@ def test_kl_divergence_matches_float64_reference(compiled):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
+@pytest.fixture(scope="module")
+def inductor_optimized(model):
+    """``optimize(model)`` with the inductor backend, for the tests that run its compiled forms (each form
+    compiles on its first call, in seconds): they share its compilations."""
+    return surelock_fx.optimize(model, backend="inductor")
+
+
+def test_inductor_locked_decode_equals_eager_locked_decode(inductor_optimized, optimized):
     """Inductor's decode runs its padded graph on some steps and its packed one on others."""
-    compiled = surelock_fx.optimize(model, backend="inductor")
     p = prompts(3, 5, seed=21)
     kw = dict(gen_length=16, steps=16, block_length=16, lock=LockConfig(kl_threshold=5e-2))
-    fast, eager = surelock_fx.generate(compiled, p, **kw), surelock_fx.generate(optimized, p, **kw)
+    fast, eager = surelock_fx.generate(inductor_optimized, p, **kw), surelock_fx.generate(optimized, p, **kw)
     assert torch.equal(fast.tokens, eager.tokens)
     assert fast.stats.locked_counts[-1] > 0
     assert fast.stats.locked_counts == eager.stats.locked_counts
@@ -297,13 +303,13 @@ def test_inductor_locked_decode_equals_eager_locked_decode(model, optimized):
     assert eager.stats.packed_passes == eager.stats.forward_passes
 
 
-def test_inductor_compiles_the_locked_graph_once_for_every_active_count(model):
+def test_inductor_compiles_the_locked_graph_once_for_every_active_count(inductor_optimized):
     """A decode's first pass has M = N active rows, its next ones fewer: one compiled graph serves them all
-    (no duck sizing of M with N, which would specialize the first graph to M = N)."""
+    (no duck sizing of M with N, which would specialize the first graph to M = N), here and in any decode
+    that ran it before (the padded form is shared)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    gm = captured(model)
-    frozen = get_backend("inductor").compile(gm)
+    gm, frozen = inductor_optimized.graph_module, inductor_optimized.forms.padded
     gen = torch.Generator().manual_seed(4)
     with torch.inference_mode():
         for active in ([9, 9], [6, 2], [3, 3]):

@@ -23,6 +23,12 @@ def model():
     return tiny_model(seed=3, n_layers=2, n_kv_heads=2)
 
 
+@pytest.fixture
+def one_layer_model():
+    """The compiled-backend tests' model: one layer, d_model 32 (an inductor compile takes seconds a layer)."""
+    return shared_tiny_model(9, n_layers=1, n_kv_heads=2, d_model=32)
+
+
 def test_every_linear_runs_on_a_prepacked_weight(model):
     gm = captured(model)
     linears = counts(gm)[LINEAR]
@@ -103,18 +109,17 @@ def test_compiling_leaves_its_input_exportable(model):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
-def test_compiled_backends_match_reference_semantics(backend, packed):
-    model = shared_tiny_model(9, n_layers=1, n_kv_heads=2, d_model=32)
-    gm = captured(model)
-    check_against_reference(model, compiled_with_specs(get_backend(backend).compile(gm, packed), gm), 3, 10, [2, 10, 0],
-                            seed=9, rows_packed=packed)
+def test_compiled_backends_match_reference_semantics(one_layer_model, backend, packed):
+    gm = captured(one_layer_model)
+    check_against_reference(one_layer_model, compiled_with_specs(get_backend(backend).compile(gm, packed), gm), 3, 10,
+                            [2, 10, 0], seed=9, rows_packed=packed)
 
 
 @pytest.mark.parametrize("grad_mode", [torch.inference_mode, torch.enable_grad])  # generate's, and a direct call's
-def test_inductor_backend_packs_every_linear(model, grad_mode):
+def test_inductor_backend_packs_every_linear(one_layer_model, grad_mode):
     from torch._dynamo.utils import counters
 
-    gm = captured(model)
+    gm = captured(one_layer_model)
     before = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
     with grad_mode():
         get_backend("inductor").compile(gm)(*locked_inputs(gm, 9, [4, 4], torch.Generator().manual_seed(0)))

@@ -5,8 +5,10 @@ that mix positions, attention masks that are full, causal, windowed or computed 
 sizes, sequence lengths and active sets. A model is either refused at capture or rewrite with an
 UnsupportedGraphError, or its locked graph must match the reference semantics (locked rows attend with
 the K/V of their last pass) on two passes, logits and caches, to float32 tolerance. Captures are cached
-per model, so the examples vary the graphs (about twenty) and, mostly, what runs through them. The draws
-are derandomized: every run checks the same 200 examples, so that CI never turns red by chance.
+per model, so the examples vary the graphs (21, 14 of them accepted) and, mostly, what runs through them.
+The draws are derandomized: every run checks the same 60 examples, so that CI never turns red by chance.
+That each position-mixing block and each mask that blocks positions is refused on its own is
+``test_the_grammar_holds_both_accepted_and_refused_graphs``'s.
 """
 import functools
 
@@ -101,14 +103,25 @@ def rewritten(before, mask, after, rotary, seed):
 
 
 ROW_WISE = ["none", "layer_norm", "gelu", "position_scale"]
-graphs = st.tuples(st.sampled_from(list(BEFORE)), st.sampled_from(list(MASKS)), st.sampled_from(ROW_WISE),
+FULL_MASKS = ["none", "full_from_shapes"]
+
+
+def half_from(favoured: list[str], everything: list[str]):
+    """A name drawn from ``favoured`` half the time, else from ``everything``."""
+    return st.one_of(st.sampled_from(favoured), st.sampled_from(everything))
+
+
+# Half the draws of the block before attention and of the mask favour those the rewrite accepts: drawn uniformly,
+# 9 graphs in 10 are refused (200 examples drew 53 graphs, 6 accepted, and checked 10 examples against the
+# reference), and each new graph costs a capture (seconds) where an example's check costs milliseconds.
+graphs = st.tuples(half_from(ROW_WISE, list(BEFORE)), half_from(FULL_MASKS, list(MASKS)), st.sampled_from(ROW_WISE),
                    st.booleans(), st.just(0))
 shapes = st.integers(1, 3).flatmap(lambda B: st.tuples(st.just(B), st.integers(2, 30)).flatmap(
     lambda bn: st.tuples(st.just(bn[0]), st.just(bn[1]), st.lists(st.integers(0, bn[1]), min_size=bn[0],
                                                                     max_size=bn[0]))))
 
 
-@settings(max_examples=200, deadline=None, database=None, derandomize=True,
+@settings(max_examples=60, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(graph=graphs, shape=shapes, seed=st.integers(0, 2**16))
 def test_accepted_graphs_compute_the_reference_semantics(graph, shape, seed):
