@@ -22,7 +22,7 @@ LOCAL_ATTENTION = ("sliding_window", "attention_chunk_size")
 def full_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the all-allowed 4D attention mask ``LogitsModule`` passes ``model``, or None for none.
 
-    A transformers model with ``config.is_causal = False`` gets one: transformers 4.x ignores that flag and
+    A transformers model ``declared_bidirectional`` gets one: transformers 4.x ignores that flag and
     builds a causal mask, while 4.x and 5.x alike use a 4D mask from the caller as it is (and then pass
     ``is_causal=False`` to attention). A model with local attention (``config.sliding_window``) keeps building
     its own mask, for the passes to check.
@@ -31,9 +31,20 @@ def full_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return None
     config = model.config
-    if getattr(config, "is_causal", True) or any(getattr(config, f, None) is not None for f in LOCAL_ATTENTION):
+    if not declared_bidirectional(model) or any(getattr(config, f, None) is not None for f in LOCAL_ATTENTION):
         return None
     return model.dtype
+
+
+def declared_bidirectional(model: torch.nn.Module) -> bool:
+    """``config.is_causal`` is False, or, where the config does not say, every attention module that has an
+    ``is_causal`` flag (and at least one does) has it False: an encoder such as BERT, whose transformers 5.x
+    would otherwise derive a packed-sequence mask from the positions (a diff across the sequence)."""
+    declared = getattr(model.config, "is_causal", None)
+    if declared is not None:
+        return not declared
+    flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    return bool(flags) and not any(flags)
 
 
 class AttentionProbe(TorchFunctionMode):

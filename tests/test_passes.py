@@ -415,3 +415,17 @@ def test_encoders_lock_exactly(name):
 def test_modernbert_local_attention_is_refused():
     with pytest.raises(UnsupportedGraphError, match="sliding window"):
         capture(encoder("modernbert", layers=3))
+
+
+def test_bidirectional_is_read_from_the_config_else_from_every_attention_module():
+    import transformers
+
+    from surelock_fx.capture import declared_bidirectional
+
+    assert declared_bidirectional(encoder("bert", layers=1))  # BertConfig has no is_causal; its modules say False
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_hidden_layers=1)
+    llama = transformers.LlamaForCausalLM(config)
+    assert not declared_bidirectional(llama)  # its attention modules are causal
+    config.is_causal = False
+    assert declared_bidirectional(llama)  # the config's word wins
