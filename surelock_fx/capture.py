@@ -22,7 +22,7 @@ LOCAL_ATTENTION = ("sliding_window", "attention_chunk_size")
 def full_mask_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the all-allowed 4D attention mask ``LogitsModule`` passes ``model``, or None for none.
 
-    A transformers model ``declared_bidirectional`` gets one: transformers 4.x ignores that flag and
+    A transformers model ``declared_bidirectional`` gets one: transformers 4.x ignores ``config.is_causal`` and
     builds a causal mask, while 4.x and 5.x alike use a 4D mask from the caller as it is (and then pass
     ``is_causal=False`` to attention). A model with local attention (``config.sliding_window``) keeps building
     its own mask, for the passes to check.
